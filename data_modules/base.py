@@ -1,0 +1,160 @@
+"""What every Engram data module shares: a tokenizer, seeded train/val/test splits, resumable loaders.
+
+A subclass implements ``make_split(split)`` returning a map-style dataset of dicts of tensors and, if it
+has natural text, ``corpus_texts()`` for BPE training. Batches are dicts; the keys every LM family reads:
+
+* ``input_ids``  ``[B, T]`` int64
+* ``labels``     ``[B, T]`` int64, aligned with ``input_ids`` (the model shifts), ``-100`` = no loss
+
+Task modules add their own keys (``answer_start``/``answer_end``, ``label``, ``doc_id``, ``position`` ...).
+
+Resuming is exact: loaders are ``torchdata``'s ``StatefulDataLoader`` whose state (sampler generator,
+batches yielded) Lightning stores in the checkpoint. Under DDP Lightning swaps in a
+``DistributedSampler``, so each rank reads its own shard of every map-style split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from data_modules.tokenizer import Tokenizer, build_tokenizer
+from src.errors import EngramError
+
+SPLITS = ("train", "val", "test")
+
+
+class EngramDataModule(pl.LightningDataModule):
+    """Base class; see the module docstring.
+
+    Args:
+        seq_len: tokens per example (the model's context must be at least this long).
+        batch_size: examples per batch and per device.
+        tokenizer: ``byte``, ``bpe`` (trained on this module's corpus), or a local HF tokenizer folder.
+        bpe_vocab_size: vocabulary size when ``tokenizer: bpe``.
+        num_workers: DataLoader worker processes.
+        seed: seeds generation, splitting and shuffling; same seed, same data in the same order.
+        cache_dir: where trained tokenizers and prepared data are cached.
+    """
+
+    def __init__(
+        self,
+        seq_len: int = 256,
+        batch_size: int = 8,
+        tokenizer: str = "byte",
+        bpe_vocab_size: int = 2048,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str = "runs/.cache",
+    ) -> None:
+        super().__init__()
+        if seq_len < 2:
+            raise EngramError(f"seq_len={seq_len} is too short; use at least 2 tokens.")
+        if batch_size < 1:
+            raise EngramError(f"batch_size={batch_size} must be at least 1.")
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.tokenizer_spec = tokenizer
+        self.bpe_vocab_size = bpe_vocab_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = Path(cache_dir)
+        self._tokenizer: Tokenizer | None = None
+        self.datasets: dict[str, Dataset] = {}
+
+    # --- to implement -------------------------------------------------------------------------
+    def make_split(self, split: str) -> Dataset:
+        """Return the map-style dataset of ``split`` (one of ``train``, ``val``, ``test``)."""
+        raise NotImplementedError
+
+    def corpus_texts(self) -> Iterable[str]:
+        """Natural text to train a BPE tokenizer on; modules without text leave this unimplemented."""
+        raise EngramError(f"{type(self).__name__} has no text corpus to train a BPE on; use tokenizer: byte.")
+
+    # --- shared -------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            corpus = self.corpus_texts if self.tokenizer_spec == "bpe" else None
+            self._tokenizer = build_tokenizer(self.tokenizer_spec, corpus, self.cache_dir, self.bpe_vocab_size)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, SPLITS) if stage else SPLITS:
+            if split not in self.datasets:
+                dataset = self.make_split(split)
+                if len(dataset) == 0:  # type: ignore[arg-type]
+                    raise EngramError(
+                        f"{type(self).__name__}: the {split} split is empty. Give more data, a shorter seq_len "
+                        f"(now {self.seq_len}), or a larger share for that split."
+                    )
+                self.datasets[split] = dataset
+
+    def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {key: torch.stack([ex[key] for ex in examples]) for key in examples[0]}
+
+    def _loader(self, split: str, shuffle: bool) -> StatefulDataLoader:
+        if split not in self.datasets:
+            self.setup(None)
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return StatefulDataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            drop_last=shuffle,
+        )
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> StatefulDataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> StatefulDataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class TokenWindows(Dataset):
+    """Fixed windows of ``seq_len`` tokens cut from tokenized documents, keeping document id and position.
+
+    Each item: ``input_ids``/``labels`` ``[seq_len]``, ``doc_id`` and ``position`` (token offset of the
+    window's first token inside its document). Windows do not cross documents; a document's tail shorter
+    than a window is dropped.
+    """
+
+    def __init__(self, docs: list[torch.Tensor], seq_len: int, stride: int | None = None) -> None:
+        self.docs = docs
+        self.seq_len = seq_len
+        stride = stride or seq_len
+        self.index = [
+            (d, start) for d, doc in enumerate(docs) for start in range(0, len(doc) - seq_len + 1, stride)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        d, start = self.index[i]
+        window = self.docs[d][start : start + self.seq_len]
+        return {
+            "input_ids": window,
+            "labels": window,
+            "doc_id": torch.tensor(d),
+            "position": torch.tensor(start),
+        }

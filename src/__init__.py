@@ -1,0 +1,1 @@
+"""Engram: memory and test-time plasticity research on PyTorch Lightning."""
