@@ -142,9 +142,7 @@ class TokenWindows(Dataset):
         self.docs = docs
         self.seq_len = seq_len
         stride = stride or seq_len
-        self.index = [
-            (d, start) for d, doc in enumerate(docs) for start in range(0, len(doc) - seq_len + 1, stride)
-        ]
+        self.index = [(d, start) for d, doc in enumerate(docs) for start in range(0, len(doc) - seq_len + 1, stride)]
 
     def __len__(self) -> int:
         return len(self.index)

@@ -1,0 +1,94 @@
+"""The callback that owns a run's telemetry stream (``<run_dir>/telemetry.jsonl``; schema in ``src/telemetry.py``).
+
+Every ``every_n_steps`` optimizer steps it writes the scalars the LightningModule logged (``trainer.callback_metrics``)
+as events, and after each validation the validation scalars. Other callbacks add their own events through
+:func:`telemetry_of`, so every hook shares one file and one format::
+
+    stream = telemetry_of(trainer)
+    if stream is not None:
+        stream.emit_rows(trainer, pl_module, [("ttt/grad_norm", 0.3, layer, head, None)])
+
+Only global rank 0 writes. ``pl_module.family`` (a string) and ``pl_module.tokens_seen`` (an int) are read when the
+module has them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from src.telemetry import TELEMETRY_FILENAME, TelemetryWriter
+
+Row = tuple[str, float, int | None, int | None, int | None]
+
+
+def _scalars(metrics: dict[str, object], prefix: str | None = None) -> list[Row]:
+    rows: list[Row] = []
+    for name, value in sorted(metrics.items()):
+        if prefix and not name.startswith(prefix):
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            rows.append((name, float(value.item()), None, None, None))
+        elif isinstance(value, int | float):
+            rows.append((name, float(value), None, None, None))
+    return rows
+
+
+class TelemetryCallback(pl.Callback):
+    """Writes the run's telemetry stream.
+
+    Args:
+        every_n_steps: how often (in optimizer steps) logged training scalars are written as events.
+        filename: the stream's file name inside the run directory.
+    """
+
+    def __init__(self, every_n_steps: int = 10, filename: str = TELEMETRY_FILENAME) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1")
+        self.every_n_steps = every_n_steps
+        self.filename = filename
+        self.writer: TelemetryWriter | None = None
+        self._last_step = -1
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero and self.writer is None:
+            run_dir = Path(trainer.default_root_dir)
+            run_id = f"{run_dir.parent.name}/{run_dir.name}"
+            self.writer = TelemetryWriter(run_dir / self.filename, run_id, getattr(pl_module, "family", "unknown"))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def emit_rows(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rows: list[Row]) -> None:
+        """Append ``(metric, value, layer, head, position)`` rows at the current step and token count."""
+        if self.writer is None or not rows:
+            return
+        tokens = int(getattr(pl_module, "tokens_seen", 0))
+        self.writer.emit_many(rows, step=trainer.global_step, tokens=tokens)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        step = trainer.global_step
+        if step == self._last_step or step % self.every_n_steps != 0:
+            return
+        self._last_step = step
+        rows = _scalars(trainer.callback_metrics, prefix="train/")
+        rows.append(("train/tokens_seen", float(getattr(pl_module, "tokens_seen", 0)), None, None, None))
+        self.emit_rows(trainer, pl_module, rows)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.emit_rows(trainer, pl_module, _scalars(trainer.callback_metrics, prefix="val/"))
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.emit_rows(trainer, pl_module, _scalars(trainer.callback_metrics, prefix="test/"))
+
+
+def telemetry_of(trainer: pl.Trainer) -> TelemetryCallback | None:
+    """The run's telemetry callback, if one is attached."""
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, TelemetryCallback):
+            return callback
+    return None

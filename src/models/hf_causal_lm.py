@@ -1,0 +1,144 @@
+"""Causal LMs from ``transformers``: named architecture presets, building from a config, loading from a path.
+
+Presets are the real architectures (``gemma2-2b`` is Gemma-2-2B's published config) and test-size members of the
+same families. ``build_causal_lm`` either loads pretrained weights (``from_pretrained`` on a local folder or a hub id)
+or builds a randomly initialised model from a preset plus overrides.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from src.errors import EngramError
+
+# Architecture presets: model_type + the config fields that differ from transformers' defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # google/gemma-2-2b config.json
+    "gemma2-2b": dict(
+        model_type="gemma2",
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        max_position_embeddings=8192,
+        sliding_window=4096,
+        query_pre_attn_scalar=256,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        vocab_size=256000,
+        tie_word_embeddings=True,
+    ),
+    "gemma2-tiny": dict(
+        model_type="gemma2",
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        sliding_window=128,
+        query_pre_attn_scalar=16,
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+    ),
+    # meta-llama/Meta-Llama-3-8B config.json
+    "llama3-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
+    "llama-tiny": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    ),
+    # A ~4M-parameter Llama that learns visibly on a laptop CPU in a few minutes.
+    "llama-small": dict(
+        model_type="llama",
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
+    # openai-community/gpt2 (124M)
+    "gpt2-124m": dict(model_type="gpt2", n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257),
+    "gpt2-tiny": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=512),
+}
+
+
+def attn_implementation_for(model_type: str, requested: str | None = None) -> str:
+    """Pick the attention kernel: Gemma-2 needs ``eager`` (its logit soft-capping is not in SDPA) unless flash-attn
+    is installed; other families use flash_attention_2 when flash-attn is importable and SDPA otherwise."""
+    if requested:
+        return requested
+    has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    if has_flash:
+        return "flash_attention_2"
+    return "eager" if model_type == "gemma2" else "sdpa"
+
+
+def preset_config(preset: str, overrides: dict[str, Any] | None = None) -> PretrainedConfig:
+    if preset not in PRESETS:
+        raise EngramError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)} or give pretrained_path.")
+    fields = {**PRESETS[preset], **(overrides or {})}
+    model_type = fields.pop("model_type")
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def build_causal_lm(
+    preset: str | None = None,
+    pretrained_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Load ``pretrained_path`` (local folder or hub id) or build a fresh model from ``preset`` + ``overrides``."""
+    if pretrained_path:
+        config = AutoConfig.from_pretrained(pretrained_path)
+        attn = attn_implementation_for(config.model_type, attn_implementation)
+        try:
+            return AutoModelForCausalLM.from_pretrained(pretrained_path, attn_implementation=attn)
+        except OSError as err:
+            raise EngramError(
+                f"could not load pretrained weights from {pretrained_path!r}: {err}. Give a local folder "
+                "saved with save_pretrained, or set pretrained_path: null and use a preset."
+            ) from err
+    if preset is None:
+        raise EngramError("model needs either preset (e.g. llama-tiny) or pretrained_path.")
+    config = preset_config(preset, overrides)
+    attn = attn_implementation_for(config.model_type, attn_implementation)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+
+
+def context_length(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's position scheme supports, when the config says."""
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if value:
+            return int(value)
+    return None
