@@ -42,10 +42,11 @@ class RNGStateCallback(pl.Callback):
         return {"rng": collect_rng_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Applied at train start, after the sanity check, which is where an uninterrupted run stood.
+        # Applied just before the first resumed batch: the sanity check and the building of the data iterator
+        # (which draws a worker seed) come in between and did not happen at this point of an uninterrupted run.
         self._pending = state_dict.get("rng")
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
         if self._pending is not None:
             set_rng_states(self._pending)
             self._pending = None

@@ -20,13 +20,37 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_modules.tokenizer import Tokenizer, build_tokenizer
 from src.errors import EngramError
 
 SPLITS = ("train", "val", "test")
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation that is a pure function of ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before every epoch (and restores the epoch on resume), and the stateful loader
+    skips the samples already yielded, so a resumed run sees exactly the order an uninterrupted one would. A
+    generator carried across epochs would not survive that: its state depends on how often iterators were built.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 class EngramDataModule(pl.LightningDataModule):
@@ -106,12 +130,12 @@ class EngramDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> StatefulDataLoader:
         if split not in self.datasets:
             self.setup(None)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        dataset = self.datasets[split]
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None  # type: ignore[arg-type]
         return StatefulDataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             drop_last=shuffle,

@@ -40,6 +40,7 @@ from src.runs import (
 )
 
 _LOGGERS_WITH_SAVE_DIR = ("WandbLogger", "TensorBoardLogger")
+RUN_DIR_PLACEHOLDER = "{run_dir}"  # a logger's save_dir written like this in YAML means "this run's directory"
 
 # jsonargparse changes into a config file's folder while parsing it; class paths in the YAML (callbacks.*,
 # data_modules.*) must still import, so the project root goes on sys.path as an absolute path.
@@ -80,7 +81,7 @@ class EngramCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run.root", type=str, default="runs", help="Folder holding all runs.")
         parser.add_argument(
-            "--run.name", type=str | None, default=None, help="Run name (default: the last --config file's stem)."
+            "--run.name", type=str | None, default=None, help="Run name (default: the first --config file's stem)."
         )
         parser.add_argument(
             "--run.dir", type=str | None, default=None, help="Exact run directory (overrides root/name versioning)."
@@ -116,7 +117,7 @@ class EngramCLI(LightningCLI):
             resuming = (run_dir / CHECKPOINT_SUBDIR / LAST_CHECKPOINT).is_file()
         else:
             configs = cfg.get("config") or []
-            name = cfg.run.name or (Path(str(configs[-1])).stem if configs else "engram")
+            name = cfg.run.name or (Path(str(configs[0])).stem if configs else "engram")
             run_dir, resuming = resolve_run_dir(cfg.run.root, name, resume=ckpt_path == "last")
         if ckpt_path == "last":
             if resuming:
@@ -136,7 +137,8 @@ class EngramCLI(LightningCLI):
 
         for spec in _logger_specs(trainer.logger):
             cls_name = str(spec.class_path).rsplit(".", 1)[-1]
-            if cls_name in _LOGGERS_WITH_SAVE_DIR and not spec.init_args.get("save_dir"):
+            save_dir = spec.init_args.get("save_dir")
+            if cls_name in _LOGGERS_WITH_SAVE_DIR and save_dir in (None, "", ".", RUN_DIR_PLACEHOLDER):
                 spec.init_args.save_dir = str(run_dir)
             if cls_name == "WandbLogger" and not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
                 spec.init_args.offline = True  # no key: write locally, `wandb sync` later

@@ -11,7 +11,7 @@ from torchmetrics.text import Perplexity
 
 from src.errors import EngramError
 from src.lightning_modules.base import EngramModule
-from src.models.hf_causal_lm import build_causal_lm, context_length
+from src.models.hf_causal_lm import PRESETS, build_causal_lm, context_length
 
 IGNORE = -100
 
@@ -49,7 +49,8 @@ class CausalLM(EngramModule):
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         overrides = dict(config_overrides or {})
-        if pretrained_path is None:
+        if pretrained_path is None and "vocab_size" not in PRESETS.get(preset, {}):
+            # Test-size presets take the tokenizer's vocabulary; real architectures keep their published one.
             overrides.setdefault("vocab_size", vocab_size)
         self.model = build_causal_lm(preset, pretrained_path, overrides, attn_implementation)
         model_vocab = self.model.config.vocab_size

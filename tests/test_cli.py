@@ -1,0 +1,205 @@
+"""The CLI end to end, in-process (torchgeo style): every config parses and runs, errors are short and helpful,
+DDP on CPU works through ``python -m src.cli``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from src.cli import main
+from src.telemetry import read_events
+from tests.conftest import CONFIGS, REPO
+
+TOP_LEVEL = sorted(CONFIGS.glob("*.yaml"))
+FRAGMENTS = sorted(p for p in CONFIGS.glob("*/*.yaml"))
+FAST = [
+    "--trainer.max_steps", "4",
+    "--trainer.val_check_interval", "2",
+    "--trainer.limit_val_batches", "1",
+    "--trainer.log_every_n_steps", "1",
+    "--telemetry.every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+def _pg19_parquet(folder: Path, n_books: int = 6, chars: int = 6000) -> Path:
+    """A tiny PG-19 in the real schema, one parquet file per split."""
+    words = ["the", "sea", "was", "calm", "and", "the", "ship", "sailed", "on", "under", "a", "grey", "sky", "while"]
+    for split in ("train", "validation", "test"):
+        rows = {
+            "short_book_title": [f"Book {split} {i}" for i in range(n_books)],
+            "publication_date": [1850 + i for i in range(n_books)],
+            "url": [f"http://www.gutenberg.org/ebooks/{i}" for i in range(n_books)],
+            "text": [" ".join(words[(i + j) % len(words)] for j in range(chars // 5)) for i in range(n_books)],
+        }
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(rows), folder / split / "part-0.parquet")
+    return folder
+
+
+def _smoke_overrides(config: Path, tmp_path: Path) -> list[str]:
+    """GPU-size configs are exercised with the same wiring at test size."""
+    if config.name == "gemma.yaml":
+        return [
+            "--model.init_args.preset", "gemma2-tiny",
+            "--data.init_args.data_path", str(_pg19_parquet(tmp_path / "pg19")),
+            "--data.init_args.seq_len", "64",
+            "--data.init_args.batch_size", "2",
+            "--data.init_args.num_workers", "0",
+            "--trainer.accumulate_grad_batches", "1",
+        ]  # fmt: skip
+    return []
+
+
+@pytest.mark.parametrize("config", TOP_LEVEL, ids=lambda p: p.name)
+def test_every_config_prints(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] and printed["data"]["class_path"]
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_fragment_composes(fragment: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = CONFIGS / ("gemma_tiny.yaml" if fragment.parent.name == "loggers" else f"{fragment.parent.name}.yaml")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(base), "--config", str(fragment), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]
+
+
+@pytest.mark.parametrize("config", TOP_LEVEL, ids=lambda p: p.name)
+def test_every_config_fits_a_few_steps(config: Path, run_root: Path, tmp_path: Path) -> None:
+    cli = main(
+        ["fit", "--config", str(config), *FAST, *_smoke_overrides(config, tmp_path), "--run.root", str(run_root)]
+    )
+    assert cli is not None and cli.trainer.global_step == 4
+    run_dir = run_root / config.stem / "v0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    assert "train/loss" in (run_dir / "metrics.csv").read_text().splitlines()[0]
+    events = list(read_events(run_dir / "telemetry.jsonl"))
+    losses = [e for e in events if e["metric"] == "train/loss"]
+    assert losses and all(torch.isfinite(torch.tensor(e["value"])) for e in losses)
+    assert {e["run_id"] for e in events} == {f"{config.stem}/v0"}
+    assert max(e["tokens"] for e in events) > 0
+
+
+def test_overrides_and_new_versions(run_root: Path) -> None:
+    args = ["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), *FAST, "--run.root", str(run_root)]
+    main([*args, "--model.init_args.lr", "0.005", "--trainer.max_steps", "2"])
+    main([*args, "--trainer.max_steps", "2"])
+    first = yaml.safe_load((run_root / "gemma_tiny" / "v0" / "config.yaml").read_text())
+    second = yaml.safe_load((run_root / "gemma_tiny" / "v1" / "config.yaml").read_text())
+    assert first["model"]["init_args"]["lr"] == 0.005 and second["model"]["init_args"]["lr"] == 0.001
+    assert first["trainer"]["max_steps"] == 2
+
+
+def test_sweep_agent_json_config_is_accepted(run_root: Path, tmp_path: Path) -> None:
+    # A W&B agent with `--config ${args_json_file}` hands over flat dotted keys in a JSON file.
+    params = tmp_path / "config-run.json"
+    params.write_text(json.dumps({"model.init_args.lr": 0.002, "trainer.max_steps": 2}))
+    cli = main(["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), *FAST[2:], "--config", str(params),
+                "--run.root", str(run_root)])  # fmt: skip
+    assert cli is not None and cli.model.lr == 0.002 and cli.trainer.global_step == 2
+    sweep = yaml.safe_load((REPO / "sweeps" / "quickstart_lr.yaml").read_text())
+    assert "${args_json_file}" in sweep["command"]
+    assert set(sweep["parameters"]) <= {
+        "model.init_args.lr",
+        "data.init_args.batch_size",
+        "model.init_args.warmup_steps",
+    }
+
+
+def test_loggers_write_into_the_run_directory(run_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for fragment in ("wandb", "tensorboard"):
+        main(["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), "--config", str(CONFIGS / "loggers" / f"{fragment}.yaml"),
+              *FAST, "--trainer.max_steps", "2", "--run.root", str(run_root), "--run.name", fragment])  # fmt: skip
+    assert list((run_root / "wandb" / "v0" / "wandb").glob("offline-run-*"))
+    assert list((run_root / "tensorboard" / "v0").glob("events.out.tfevents.*"))
+    assert (run_root / "tensorboard" / "v0" / "metrics.csv").is_file()  # CSV stays on beside other loggers
+
+
+# --- bad input: one short line naming the problem and the fix -------------------------------------------------
+def _error_of(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err.strip()
+    assert "Traceback" not in stderr
+    err = stderr.splitlines()[-1]  # progress output of libraries may come first
+    assert err.startswith("error: ")
+    return err
+
+
+def test_unknown_config_key(capsys: pytest.CaptureFixture[str], run_root: Path) -> None:
+    err = _error_of(["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), "--model.init_args.lrr", "0.1"], capsys)
+    assert "Option 'lrr' is not accepted" in err and "--model.help" in err
+
+
+def test_missing_data_path(capsys: pytest.CaptureFixture[str], run_root: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_pg19"
+    err = _error_of(["fit", "--config", str(CONFIGS / "gemma.yaml"), "--model.init_args.preset", "gemma2-tiny",
+                     "--data.init_args.data_path", str(missing), "--run.root", str(run_root)], capsys)  # fmt: skip
+    assert str(missing) in err and "data_path" in err
+
+
+def test_empty_corpus(capsys: pytest.CaptureFixture[str], run_root: Path, tmp_path: Path) -> None:
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "empty.txt").write_text("")
+    err = _error_of(["fit", "--config", str(CONFIGS / "gemma.yaml"), "--model.init_args.preset", "gemma2-tiny",
+                     "--data.init_args.data_path", str(books), "--data.init_args.seq_len", "64",
+                     "--data.init_args.num_workers", "0", "--run.root", str(run_root), *FAST], capsys)  # fmt: skip
+    assert "empty" in err.lower() or "no text" in err.lower()
+
+
+def test_sequence_longer_than_context(capsys: pytest.CaptureFixture[str], run_root: Path) -> None:
+    err = _error_of(["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), "--data.init_args.seq_len", "1024",
+                     "--run.root", str(run_root), *FAST], capsys)  # fmt: skip
+    assert "seq_len=1024 is longer than the model's context (512 tokens)" in err
+    assert "--data.init_args.seq_len 512" in err
+
+
+def test_corrupt_checkpoint(capsys: pytest.CaptureFixture[str], run_root: Path) -> None:
+    args = ["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), *FAST, "--run.root", str(run_root)]
+    main([*args, "--trainer.max_steps", "2"])
+    last = run_root / "gemma_tiny" / "v0" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a write cut off half-way
+    err = _error_of([*args, "--ckpt_path", "last"], capsys)
+    assert str(last) in err and "corrupt or truncated" in err
+    err = _error_of([*args, "--ckpt_path", str(last)], capsys)
+    assert "corrupt or truncated" in err
+
+
+# --- DDP ---------------------------------------------------------------------------------------------------
+def test_two_process_ddp_on_cpu(run_root: Path, tmp_path: Path) -> None:
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "src.cli", "fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), *FAST,
+         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+         "--run.root", str(run_root),
+         "--trainer.callbacks+=tests.helpers.RecordBatches", f"--trainer.callbacks.out_dir={seen}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((seen / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(len(r) == 4 * 4 for r in ranks)  # 4 steps x batch 4 on each rank
+    assert not {tuple(x) for x in ranks[0]} & {tuple(x) for x in ranks[1]}  # each rank reads its own shard
+    assert not (run_root / "gemma_tiny" / "v1").exists()  # both ranks used one run directory
+    ckpt = torch.load(run_root / "gemma_tiny" / "v0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["tokens_seen"] == 4 * 2 * 4 * 64
