@@ -596,9 +596,13 @@ def plot_layer_time_heatmap(
     """Layer × Time heat-map as a PNG: raw means (top) and the same z-scored within each layer (bottom)."""
     mat = layer_time_matrix(df, metric, time)
     raw = mat.to_numpy(dtype=np.float64)
-    mean = np.nanmean(raw, axis=1, keepdims=True)
-    std = np.nanstd(raw, axis=1, keepdims=True)
-    normed = np.divide(raw - mean, std, out=np.zeros_like(raw), where=std > 0)
+    # Raw values span orders of magnitude (the first mini-batch is read at the learned initial state), so both panels
+    # work on log10 where every value is positive; otherwise on the values themselves.
+    positive = bool(np.all(raw[np.isfinite(raw)] > 0))
+    shown = np.log10(raw) if positive else raw
+    mean = np.nanmean(shown, axis=1, keepdims=True)
+    std = np.nanstd(shown, axis=1, keepdims=True)
+    normed = np.divide(shown - mean, std, out=np.zeros_like(shown), where=std > 0)
     layers, times = mat.index.to_numpy(), mat.columns.to_numpy()
     extent = (times[0] - 0.5, times[-1] + 0.5, -0.5, len(layers) - 0.5)
     what = "token position" if time == "position" else time.replace("_", " ")
@@ -607,9 +611,17 @@ def plot_layer_time_heatmap(
     fig = Figure(figsize=(11, 2.2 + 0.55 * len(layers)), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
     limit = float(np.nanmax(np.abs(normed))) or 1.0
+    raw_label = f"log10 mean {_label(metric)}" if positive else f"mean {_label(metric)}"
     panels = (
-        (raw, "viridis", None, None, f"mean {_label(metric)}", "raw (mean over heads and sequences)"),
-        (normed, "RdBu_r", -limit, limit, "z-score within layer", "normalised per layer (z-score over time)"),
+        (shown, "viridis", None, None, raw_label, "raw (mean over heads and sequences)"),
+        (
+            normed,
+            "RdBu_r",
+            -limit,
+            limit,
+            "z-score within layer",
+            f"normalised per layer (z-score{' of log10' if positive else ''} over time)",
+        ),
     )
     for ax, (data, cmap, vmin, vmax, cbar_label, subtitle) in zip(axes, panels, strict=True):
         image = ax.imshow(
@@ -666,7 +678,7 @@ def plot_bucket_bars(summary: pd.DataFrame, path: str | Path, metric: str = "gra
     ax.set_xticks(x, [str(la) for la in layers])
     ax.set_xlabel("layer")
     ax.set_ylabel(f"mean {_label(metric)} per token")
-    ax.set_title(f"Plasticity {_label(metric)} by token bucket (mean over heads; bars: 95% bootstrap CI)")
+    ax.set_title(f"Plasticity {_label(metric)} by token bucket\n(mean over heads; error bars: 95% bootstrap CI)")
     ax.legend(fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
