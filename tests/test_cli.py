@@ -47,17 +47,23 @@ def _pg19_parquet(folder: Path, n_books: int = 6, chars: int = 6000) -> Path:
     return folder
 
 
+TINY_TTT = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, mini_batch_size: 8}"
+
+
 def _smoke_overrides(config: Path, tmp_path: Path) -> list[str]:
     """GPU-size configs are exercised with the same wiring at test size."""
+    pg19 = ["--data.init_args.data_path", str(_pg19_parquet(tmp_path / "pg19")), "--data.init_args.seq_len", "64",
+            "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0"]  # fmt: skip
     if config.name == "gemma.yaml":
-        return [
-            "--model.init_args.preset", "gemma2-tiny",
-            "--data.init_args.data_path", str(_pg19_parquet(tmp_path / "pg19")),
-            "--data.init_args.seq_len", "64",
-            "--data.init_args.batch_size", "2",
-            "--data.init_args.num_workers", "0",
-            "--trainer.accumulate_grad_batches", "1",
-        ]  # fmt: skip
+        return [*pg19, "--model.init_args.preset", "gemma2-tiny", "--trainer.accumulate_grad_batches", "1"]
+    if config.name == "ttt_pg19_baseline.yaml":
+        return [*pg19, "--model.init_args.config_overrides", TINY_TTT]
+    if config.name == "ttt_1b.yaml":
+        return [*pg19, "--model.init_args.config_overrides", TINY_TTT, "--model.init_args.checkpoint_path", "null",
+                "--model.init_args.compile", "false", "--data.init_args.tokenizer", "byte",
+                "--trainer.precision", "32-true"]  # fmt: skip
+    if config.name == "ttt_quickstart.yaml":
+        return ["--model.init_args.config_overrides", TINY_TTT, "--data.init_args.seq_len", "64"]
     return []
 
 

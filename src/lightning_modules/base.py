@@ -9,8 +9,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import Perplexity
 
 from src.errors import EngramError
+
+IGNORE_INDEX = -100
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -91,3 +95,58 @@ class EngramModule(pl.LightningModule):
             optimizer, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class LanguageModel(EngramModule):
+    """Next-token training and evaluation shared by the LM families.
+
+    A subclass builds its network, calls ``init_metrics(vocab_size)`` and implements ``lm_forward`` returning
+    ``(loss, logits)`` with HF-style labels (aligned with ``input_ids``; the loss shifts; -100 ignored).
+    Logged: ``train/loss``; ``{val,test}/loss``, ``/ppl`` and ``/acc`` (next-token top-1) via torchmetrics.
+    """
+
+    def init_metrics(self, vocab_size: int) -> None:
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_acc = MulticlassAccuracy(num_classes=vocab_size, ignore_index=IGNORE_INDEX, average="micro")
+        self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.test_acc = MulticlassAccuracy(num_classes=vocab_size, ignore_index=IGNORE_INDEX, average="micro")
+
+    def lm_forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.lm_forward(batch["input_ids"], batch["labels"])
+        assert loss is not None
+        self.count_tokens(batch["input_ids"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        loss, logits = self.lm_forward(batch["input_ids"], batch["labels"])
+        logits = logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        ppl, acc = getattr(self, f"{stage}_ppl"), getattr(self, f"{stage}_acc")
+        ppl.update(logits, target)
+        acc.update(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/ppl", ppl)
+        self.log(f"{stage}/acc", acc)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-sequence mean next-token loss (nats), for scoring held-out text."""
+        _, logits = self.lm_forward(batch["input_ids"], None)
+        logits = logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        mask = (target != IGNORE_INDEX).float()
+        return {"loss": (nll * mask).sum(1) / mask.sum(1).clamp_min(1)}

@@ -1,0 +1,118 @@
+"""Configuration of the TTT language models (TTT-Linear / TTT-MLP), with the official size presets.
+
+The field names and defaults are those of ``TTTConfig`` in the official PyTorch code
+(test-time-training/ttt-lm-pytorch, ``ttt.py``), minus the Hugging Face runtime switches that do not change the
+model (``use_cache``, ``pretraining_tp``, token ids, ``scan_checkpoint_group_size``). The defaults describe the
+Transformer backbone; the paper's headline "TTT-Linear (M)" model is the Mamba backbone, i.e. the same preset with
+``MAMBA_BACKBONE`` applied (``TTTConfig.from_name("125m", **MAMBA_BACKBONE)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from src.errors import EngramError
+
+# Sizes of the official presets (ttt.py TTT_STANDARD_CONFIGS; the same numbers as ttt-lm-jax CONFIGS and Table 3 of
+# the paper). "1b" is the model the paper calls 1.3B. Everything else (vocab 32000, mini-batch 16, rope theta 1e4,
+# tied embeddings, init std 0.02, rms eps 1e-6) is common to all sizes and lives in the dataclass defaults.
+PRESETS: dict[str, dict[str, int]] = {
+    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12),
+    "350m": dict(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16),
+    "760m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+    "1b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=32),
+}
+
+# The Mamba backbone of the paper (JAX ``TTTLinear``/``TTTMLP``, as opposed to ``*Base``): a causal conv before the
+# TTT layer, one shared Q/K projection followed by separate causal convs, and a GELU output gate.
+MAMBA_BACKBONE: dict[str, bool] = dict(pre_conv=True, share_qk=True, use_gate=True)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+# Official inner-loop base learning rates: 1.0 for TTT-Linear, 0.1 for TTT-MLP (ttt-lm-jax scripts).
+OFFICIAL_TTT_BASE_LR: dict[str, float] = {"linear": 1.0, "mlp": 0.1}
+
+
+@dataclass
+class TTTConfig:
+    """Hyper-parameters of ``TTTForCausalLM``; defaults are the official ones (the 1.3B "1b" size)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    intermediate_size: int = 5504
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    # Backbone switches (all False: Transformer backbone; all True: Mamba backbone, see MAMBA_BACKBONE).
+    use_gate: bool = False
+    share_qk: bool = False
+    pre_conv: bool = False
+    conv_kernel: int = 4
+    # Inner loop.
+    ttt_layer_type: str = "linear"  # "linear" (TTT-Linear) or "mlp" (TTT-MLP)
+    ttt_base_lr: float = 1.0
+    mini_batch_size: int = 16
+    # Speed only (no effect on the numbers): run the inner-loop scan as torch.compile'd graphs of ``compile_chunk``
+    # consecutive mini-batch steps (fused kernels, few launches; left-over steps one per graph). The Python loop over
+    # those graphs is hidden from an outer torch.compile(model), which then does not unroll the scan.
+    compile_inner_step: bool = False
+    compile_chunk: int = 16
+    compile_mode: str = "default"  # torch.compile mode of those graphs, e.g. "reduce-overhead" (CUDA graphs)
+
+    def __post_init__(self) -> None:
+        if self.ttt_layer_type not in ("linear", "mlp"):
+            raise EngramError(f"ttt_layer_type={self.ttt_layer_type!r} is not supported; use 'linear' or 'mlp'.")
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if self.compile_mode not in COMPILE_MODES:
+            raise EngramError(
+                f"compile_mode={self.compile_mode!r} is not a torch.compile mode; use one of {COMPILE_MODES}."
+            )
+        for name in (*positive, "mini_batch_size", "conv_kernel", "compile_chunk"):
+            if getattr(self, name) < 1:
+                raise EngramError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.hidden_size % self.num_attention_heads:
+            raise EngramError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; "
+                "choose sizes so that every head gets hidden_size // num_attention_heads features."
+            )
+        if self.head_dim % 2:
+            raise EngramError(
+                f"head_dim={self.head_dim} (hidden_size / num_attention_heads) must be even for the rotary embedding; "
+                "change hidden_size or num_attention_heads."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> TTTConfig:
+        """An official preset (``125m``, ``350m``, ``760m``, ``1b``) with optional field overrides.
+
+        When ``ttt_layer_type="mlp"`` is requested without an explicit ``ttt_base_lr``, the official TTT-MLP value
+        (0.1) is used instead of TTT-Linear's 1.0.
+        """
+        if name not in PRESETS:
+            raise EngramError(f"unknown TTT preset {name!r}; choose one of {sorted(PRESETS)}.")
+        values: dict[str, Any] = dict(PRESETS[name])
+        values["ttt_base_lr"] = OFFICIAL_TTT_BASE_LR.get(overrides.get("ttt_layer_type", "linear"), 1.0)
+        return cls.from_dict({**values, **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TTTConfig:
+        """Build from keyword values (e.g. a YAML block); unknown keys are an error that lists the valid ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise EngramError(f"unknown TTTConfig field(s) {unknown}; valid fields are {sorted(known)}.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> TTTConfig:
+        return replace(self, **changes)
