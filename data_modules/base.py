@@ -41,16 +41,31 @@ class EpochShuffleSampler(Sampler[int]):
         self.size = size
         self.seed = seed
         self.epoch = 0
+        self.yielded = 0  # indices handed out in the current epoch
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    # The stateful loader stores this in the checkpoint. On resume Lightning may build the iterator before it calls
+    # ``set_epoch``, so the epoch comes back with the state, and the sampler itself skips what was already yielded.
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self._skip = int(state["yielded"])
 
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        self.yielded, self._skip = self._skip, 0
+        for index in order[self.yielded :]:
+            self.yielded += 1
+            yield index
 
 
 class EngramDataModule(pl.LightningDataModule):

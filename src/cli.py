@@ -173,7 +173,16 @@ def _short_parse_error(text: str) -> str:
 def main(args: ArgsType = None, run: bool = True) -> EngramCLI | None:
     """Entry point; ``args`` lets tests run the CLI in-process (``main(["fit", "--config", ...])``)."""
     try:
-        return EngramCLI(args=args, run=run)
+        try:
+            return EngramCLI(args=args, run=run)
+        except ValueError as err:
+            # jsonargparse wraps errors raised while instantiating a class (e.g. a model's __init__).
+            cause = err.__cause__ or err.__context__
+            while cause is not None and not isinstance(cause, EngramError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
     except (EngramError, ArgumentError) as err:
         message = _short_parse_error(str(err)) if isinstance(err, ArgumentError) else str(err)
         print(f"error: {message}", file=sys.stderr)

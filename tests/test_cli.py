@@ -62,6 +62,11 @@ def _smoke_overrides(config: Path, tmp_path: Path) -> list[str]:
         return [*pg19, "--model.init_args.config_overrides", TINY_TTT, "--model.init_args.checkpoint_path", "null",
                 "--model.init_args.compile", "false", "--data.init_args.tokenizer", "byte",
                 "--trainer.precision", "32-true"]  # fmt: skip
+    if config.name == "llama3_8b_qlora.yaml":  # 4-bit weights need CUDA; the LoRA wiring runs on CPU
+        return [*pg19, "--model.init_args.preset", "llama-tiny", "--model.init_args.quantization", "null",
+                "--trainer.accumulate_grad_batches", "1"]  # fmt: skip
+    if config.name == "capacity_synthetic.yaml":
+        return ["--data.init_args.batch_size", "32", "--data.init_args.num_workers", "0"]
     if config.name == "ttt_quickstart.yaml":
         return ["--model.init_args.config_overrides", TINY_TTT, "--data.init_args.seq_len", "64"]
     return []

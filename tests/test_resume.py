@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from src.cli import main
@@ -25,29 +26,44 @@ ARGS = [
 ]  # fmt: skip
 
 
-def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+def _final_weights(run_dir: Path, steps: int) -> dict[str, torch.Tensor]:
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert ckpt["global_step"] == 12
+    assert ckpt["global_step"] == steps
     return ckpt["state_dict"]
 
 
-def test_killed_run_resumes_exactly(run_root: Path) -> None:
-    main(["fit", *ARGS, "--run.root", str(run_root), "--run.name", "straight"])
-    straight = _final_weights(run_root / "straight" / "v0")
+# A small needle set (6 batches an epoch) puts the kill and the resume in the second epoch.
+ACROSS_EPOCHS = [
+    "--data", "data_modules.needle.NeedleDataModule",
+    "--data.init_args.seq_len", "192", "--data.init_args.batch_size", "4",
+    "--data.init_args.train_size", "24", "--data.init_args.val_size", "4", "--data.init_args.test_size", "4",
+    "--trainer.max_steps", "16", "--trainer.val_check_interval", "3",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "kill_at", "resume_from", "final"),
+    [([], 6, 4, 12), (ACROSS_EPOCHS, 10, 8, 16)],
+    ids=["mid-epoch", "second-epoch"],
+)
+def test_killed_run_resumes_exactly(run_root: Path, extra: list[str], kill_at: int, resume_from: int, final: int) -> None:
+    args = [*ARGS, *extra]
+    main(["fit", *args, "--run.root", str(run_root), "--run.name", "straight"])
+    straight = _final_weights(run_root / "straight" / "v0", final)
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # same threads as this process
     killed = subprocess.run(
-        [sys.executable, "-m", "src.cli", "fit", *ARGS, "--run.root", str(run_root), "--run.name", "crashy",
-         "--trainer.callbacks+=tests.helpers.KillAtStep", "--trainer.callbacks.step=6"],
+        [sys.executable, "-m", "src.cli", "fit", *args, "--run.root", str(run_root), "--run.name", "crashy",
+         "--trainer.callbacks+=tests.helpers.KillAtStep", f"--trainer.callbacks.step={kill_at}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert killed.returncode == 17, killed.stderr[-2000:]
     partial = torch.load(run_root / "crashy" / "v0" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert partial["global_step"] == 4  # the kill came after step 6, so the last checkpoint is step 4
+    assert partial["global_step"] == resume_from  # the last checkpoint before the kill
 
-    main(["fit", *ARGS, "--run.root", str(run_root), "--run.name", "crashy", "--ckpt_path", "last"])
+    main(["fit", *args, "--run.root", str(run_root), "--run.name", "crashy", "--ckpt_path", "last"])
     assert not (run_root / "crashy" / "v1").exists()  # resumed in place, not a new version
-    resumed = _final_weights(run_root / "crashy" / "v0")
+    resumed = _final_weights(run_root / "crashy" / "v0", final)
 
     assert straight.keys() == resumed.keys()
     for name, tensor in straight.items():

@@ -87,7 +87,8 @@ class EngramModule(pl.LightningModule):
             {"params": decay, "weight_decay": self.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        fused = self.device.type == "cuda"
+        # Lightning refuses gradient clipping with a fused optimizer under mixed precision.
+        fused = self.device.type == "cuda" and not self.trainer.gradient_clip_val
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(self.warmup_steps, max(1, total // 10)) if total > 0 else self.warmup_steps

@@ -6,17 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.text import Perplexity
 
 from src.errors import EngramError
-from src.lightning_modules.base import EngramModule
-from src.models.hf_causal_lm import PRESETS, build_causal_lm, context_length
-
-IGNORE = -100
+from src.lightning_modules.base import LanguageModel
+from src.models.hf_causal_lm import PRESETS, apply_lora, build_causal_lm, context_length
 
 
-class CausalLM(EngramModule):
+class CausalLM(LanguageModel):
     """A causal LM over ``transformers``.
 
     Args:
@@ -27,6 +23,11 @@ class CausalLM(EngramModule):
         config_overrides: fields of the transformers config to change, e.g. ``{num_hidden_layers: 4}``.
         attn_implementation: force ``eager``/``sdpa``/``flash_attention_2``; default picks per architecture.
         compile: wrap the network in ``torch.compile``.
+        quantization: load the weights quantized (QLoRA): ``BitsAndBytesConfig`` fields, e.g. ``{load_in_4bit: true,
+            bnb_4bit_quant_type: nf4, bnb_4bit_use_double_quant: true, bnb_4bit_compute_dtype: bfloat16}``; needs
+            CUDA and bitsandbytes. Null = full precision.
+        lora: train a peft LoRA adapter instead of the weights: ``LoraConfig`` fields, e.g. ``{r: 64, lora_alpha: 16,
+            lora_dropout: 0.1, target_modules: all-linear}``. Null = train all weights.
         (the optimizer arguments are EngramModule's)
     """
 
@@ -40,6 +41,8 @@ class CausalLM(EngramModule):
         config_overrides: dict[str, Any] | None = None,
         attn_implementation: str | None = None,
         compile: bool = False,
+        quantization: dict[str, Any] | None = None,
+        lora: dict[str, Any] | None = None,
         lr: float = 3e-4,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -52,52 +55,25 @@ class CausalLM(EngramModule):
         if pretrained_path is None and "vocab_size" not in PRESETS.get(preset, {}):
             # Test-size presets take the tokenizer's vocabulary; real architectures keep their published one.
             overrides.setdefault("vocab_size", vocab_size)
-        self.model = build_causal_lm(preset, pretrained_path, overrides, attn_implementation)
+        self.model = build_causal_lm(preset, pretrained_path, overrides, attn_implementation, quantization)
+        if lora is not None:
+            self.model = apply_lora(self.model, lora, quantized=quantization is not None)
         model_vocab = self.model.config.vocab_size
         if vocab_size > model_vocab:
             raise EngramError(
                 f"the tokenizer has {vocab_size} tokens but the model's vocabulary has {model_vocab}. "
                 "Use the tokenizer the model was trained with (data tokenizer: <model folder>)."
             )
-        self.network = torch.compile(self.model) if compile else self.model
-        self.val_ppl = Perplexity(ignore_index=IGNORE)
-        self.val_acc = MulticlassAccuracy(num_classes=model_vocab, ignore_index=IGNORE, average="micro")
-        self.test_ppl = Perplexity(ignore_index=IGNORE)
-        self.test_acc = MulticlassAccuracy(num_classes=model_vocab, ignore_index=IGNORE, average="micro")
+        if compile:
+            self.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+        self.init_metrics(model_vocab)
 
     @property
     def max_context(self) -> int | None:
         return context_length(self.model.config)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
-        return self.network(input_ids=input_ids, labels=labels)
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self(batch["input_ids"], batch["labels"])
-        self.count_tokens(batch["input_ids"])
-        self.log("train/loss", out.loss, prog_bar=True)
-        return out.loss
-
-    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str, ppl: Perplexity, acc: MulticlassAccuracy) -> None:
-        out = self(batch["input_ids"], batch["labels"])
-        logits = out.logits[:, :-1].float()
-        target = batch["labels"][:, 1:]
-        ppl.update(logits, target)
-        acc.update(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
-        self.log(f"{stage}/loss", out.loss, prog_bar=True, sync_dist=True)
-        self.log(f"{stage}/ppl", ppl)
-        self.log(f"{stage}/acc", acc)
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_ppl, self.val_acc)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_ppl, self.test_acc)
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        """Per-sequence mean next-token loss (nats), for scoring held-out text."""
-        logits = self(batch["input_ids"]).logits[:, :-1].float()
-        target = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
-        mask = (target != IGNORE).float()
-        return {"loss": (nll * mask).sum(1) / mask.sum(1).clamp_min(1)}
+    def lm_forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        out = self.model(input_ids=input_ids, labels=labels)
+        return out.loss, out.logits

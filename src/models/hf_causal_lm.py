@@ -3,11 +3,20 @@
 Presets are the real architectures (``gemma2-2b`` is Gemma-2-2B's published config) and test-size members of the
 same families. ``build_causal_lm`` either loads pretrained weights (``from_pretrained`` on a local folder or a hub id)
 or builds a randomly initialised model from a preset plus overrides.
+
+QLoRA (Dettmers et al. 2023) goes through transformers and peft: ``quantization`` is a ``BitsAndBytesConfig`` as a
+dict (4-bit weights are made while loading, so a preset is first saved to a temporary folder and loaded back; needs
+CUDA and ``bitsandbytes``), and ``apply_lora`` wraps the model in a peft ``LoraConfig`` adapter, after
+``prepare_model_for_kbit_training`` when the weights are quantized (frozen base, fp32 norms, gradient checkpointing).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import inspect
+import os
+import tempfile
 from typing import Any
 
 import torch
@@ -111,17 +120,56 @@ def preset_config(preset: str, overrides: dict[str, Any] | None = None) -> Pretr
     return AutoConfig.for_model(model_type, **fields)
 
 
+def _check_keys(given: dict[str, Any], allowed: set[str], what: str, key: str) -> None:
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise EngramError(f"{key} has unknown {what} field(s) {unknown}; valid fields: {sorted(allowed)}.")
+
+
+def quantization_config(quantization: dict[str, Any]) -> Any:
+    """A ``BitsAndBytesConfig`` from its fields, refusing unknown ones and machines without CUDA or bitsandbytes."""
+    if not torch.cuda.is_available():
+        raise EngramError(
+            "model.init_args.quantization (bitsandbytes 4-bit, QLoRA) needs a CUDA GPU and none is visible. Run on a "
+            "GPU, or set --model.init_args.quantization null to train the unquantized model."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise EngramError("model.init_args.quantization needs the bitsandbytes package: pip install bitsandbytes.")
+    from transformers import BitsAndBytesConfig
+
+    allowed = set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+    _check_keys(quantization, allowed, "BitsAndBytesConfig", "model.init_args.quantization")
+    return BitsAndBytesConfig(**quantization)
+
+
+def _load_quantized(path: str, bnb: Any, attn: str) -> PreTrainedModel:
+    # Weights are quantized while loading, onto this process's GPU so that Lightning's device move is a no-op.
+    device = int(os.environ.get("LOCAL_RANK", 0))
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=bnb,
+        dtype=bnb.bnb_4bit_compute_dtype or torch.float32,
+        device_map={"": device},
+        attn_implementation=attn,
+    )
+
+
 def build_causal_lm(
     preset: str | None = None,
     pretrained_path: str | None = None,
     overrides: dict[str, Any] | None = None,
     attn_implementation: str | None = None,
+    quantization: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
-    """Load ``pretrained_path`` (local folder or hub id) or build a fresh model from ``preset`` + ``overrides``."""
+    """Load ``pretrained_path`` (local folder or hub id) or build a fresh model from ``preset`` + ``overrides``;
+    with ``quantization`` (``BitsAndBytesConfig`` fields) the weights are loaded quantized."""
+    bnb = quantization_config(quantization) if quantization is not None else None
     if pretrained_path:
         config = AutoConfig.from_pretrained(pretrained_path)
         attn = attn_implementation_for(config.model_type, attn_implementation)
         try:
+            if bnb is not None:
+                return _load_quantized(pretrained_path, bnb, attn)
             return AutoModelForCausalLM.from_pretrained(pretrained_path, attn_implementation=attn)
         except OSError as err:
             raise EngramError(
@@ -132,7 +180,39 @@ def build_causal_lm(
         raise EngramError("model needs either preset (e.g. llama-tiny) or pretrained_path.")
     config = preset_config(preset, overrides)
     attn = attn_implementation_for(config.model_type, attn_implementation)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    if bnb is None:
+        return model
+    # bitsandbytes quantizes in from_pretrained only: round-trip the random initialisation through a folder.
+    with tempfile.TemporaryDirectory(prefix="engram-quantize-") as folder:
+        model.to(bnb.bnb_4bit_compute_dtype or torch.float32).save_pretrained(folder)
+        del model
+        return _load_quantized(folder, bnb, attn)
+
+
+def apply_lora(model: PreTrainedModel, lora: dict[str, Any], quantized: bool) -> Any:
+    """Wrap ``model`` in a peft LoRA adapter (``LoraConfig`` fields; ``task_type`` defaults to ``CAUSAL_LM``).
+
+    Only the adapter trains. Quantized models go through ``prepare_model_for_kbit_training`` first (base frozen,
+    norms in fp32, gradient checkpointing). The result is put in train mode: ``from_pretrained`` returns eval mode,
+    which would silence LoRA dropout."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    allowed = {f.name for f in dataclasses.fields(LoraConfig)}
+    _check_keys(lora, allowed, "LoraConfig", "model.init_args.lora")
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    peft_model = get_peft_model(model, LoraConfig(**{"task_type": "CAUSAL_LM", **lora}))
+    peft_model.train()
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        trainable, total = peft_model.get_nb_trainable_parameters()
+        four_bit = sum(type(m).__name__ == "Linear4bit" for m in peft_model.modules())
+        print(
+            f"[engram] LoRA: {trainable:,} trainable of {total:,} parameters; {four_bit} Linear4bit layers "
+            f"(4-bit weights: {bool(getattr(model, 'is_loaded_in_4bit', False))})",
+            flush=True,
+        )
+    return peft_model
 
 
 def context_length(config: PretrainedConfig) -> int | None:
