@@ -21,6 +21,7 @@ import random
 import sysconfig
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +130,16 @@ class DomainWindows(Dataset):
         counts = [len(w) for w in windows]
         keep = min(counts) if balance else None
         self.windows = list(windows)
-        self.index: list[tuple[int, int]] = []
+        per_domain = []
         for domain, count in enumerate(counts):
             chosen = (
                 sorted(random.Random(f"{seed}:{domain}").sample(range(count), keep))
                 if keep is not None
                 else range(count)
             )
-            self.index += [(domain, i) for i in chosen]
+            per_domain.append([(domain, i) for i in chosen])
+        # Round-robin over the domains: every prefix of an unshuffled split (limit_val_batches) holds all of them.
+        self.index: list[tuple[int, int]] = [p for row in zip_longest(*per_domain) for p in row if p is not None]
         # doc ids unique across domains: offset by the documents of the domains before
         self.doc_offset = [sum(len(w.docs) for w in self.windows[:d]) for d in range(len(self.windows))]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from callbacks.rng_state import RNGStateCallback
@@ -34,6 +34,7 @@ from src.runs import (
     LAST_CHECKPOINT,
     RUN_DIR_ENV,
     AtomicCheckpointIO,
+    RunCheckpoint,
     RunCSVLogger,
     check_checkpoint_file,
     resolve_run_dir,
@@ -86,7 +87,7 @@ class EngramCLI(LightningCLI):
         parser.add_argument(
             "--run.dir", type=str | None, default=None, help="Exact run directory (overrides root/name versioning)."
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 100})
         parser.add_lightning_class_args(TelemetryCallback, "telemetry")
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")

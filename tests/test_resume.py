@@ -46,7 +46,9 @@ ACROSS_EPOCHS = [
     [([], 6, 4, 12), (ACROSS_EPOCHS, 10, 8, 16)],
     ids=["mid-epoch", "second-epoch"],
 )
-def test_killed_run_resumes_exactly(run_root: Path, extra: list[str], kill_at: int, resume_from: int, final: int) -> None:
+def test_killed_run_resumes_exactly(
+    run_root: Path, extra: list[str], kill_at: int, resume_from: int, final: int
+) -> None:
     args = [*ARGS, *extra]
     main(["fit", *args, "--run.root", str(run_root), "--run.name", "straight"])
     straight = _final_weights(run_root / "straight" / "v0", final)
