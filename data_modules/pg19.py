@@ -79,14 +79,7 @@ class PG19DataModule(TextCorpusDataModule):
             builder, chosen, kwargs = "parquet", parquet, {}
         else:  # one example per file: a whole book
             builder, chosen, kwargs = "text", files, {"sample_by": "document"}
-        docs = load_dataset(
-            builder,
-            data_files={hf_split: chosen},
-            split=hf_split,
-            streaming=self.streaming,
-            cache_dir=None if self.streaming else self.hf_cache(),
-            **kwargs,
-        )
+        docs = self.load_files(builder, hf_split, chosen, **kwargs)
         return self.restrict_to_split(self._check_schema(docs), split)
 
     def _check_schema(self, docs: Any) -> Any:

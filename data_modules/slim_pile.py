@@ -104,13 +104,7 @@ class SlimPileDataModule(TextCorpusDataModule):
         hf_split, files = self.split_files(split, EXTENSIONS)
         parquet = [f for f in files if f.endswith(".parquet")]
         builder, chosen = ("parquet", parquet) if parquet else ("json", files)
-        docs = load_dataset(
-            builder,
-            data_files={hf_split: chosen},
-            split=hf_split,
-            streaming=self.streaming,
-            cache_dir=None if self.streaming else self.hf_cache(),
-        )
+        docs = self.load_files(builder, hf_split, chosen)
         return self.restrict_to_split(self._filter_sets(docs), split)
 
     def _filter_sets(self, docs: Any) -> Any:

@@ -190,6 +190,19 @@ class TextCorpusDataModule(EngramDataModule):
     def hf_cache(self) -> str:
         return str(self.cache_dir / "hf_datasets")
 
+    def load_files(self, builder: str, hf_split: str, files: list[str], **kwargs: Any) -> Any:
+        """Local files of one split through ``datasets`` (streamed or cached, as configured)."""
+        from datasets import load_dataset
+
+        return load_dataset(
+            builder,
+            data_files={hf_split: files},
+            split=hf_split,
+            streaming=self.streaming,
+            cache_dir=None if self.streaming else self.hf_cache(),
+            **kwargs,
+        )
+
     # --- EngramDataModule -------------------------------------------------------------------------
     def corpus_texts(self) -> Iterable[str]:
         docs = self.load_docs("train")
