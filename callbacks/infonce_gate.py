@@ -15,12 +15,17 @@ Schedule (epoch e counts from 0; a decision taken at the end of epoch e applies 
    if it beats the best so far by ``plateau_threshold`` (rel: best·(1 + t); abs: best + t); otherwise
    ``num_bad_epochs`` grows; a plateau is ``num_bad_epochs > patience``.
 3. The gate opens at the end of the first epoch whose EMA is ≥ ``threshold`` (and, if ``require_plateau``, that is
-   on a plateau). It stays open. ``open_epoch`` is the first epoch trained with λ > 0. On opening:
+   on a plateau), or, with ``read_patience`` = n, at the end of the n-th further epoch in a row that is ≥
+   ``threshold`` (reads must be ready, not just touch the threshold once). It stays open. ``open_epoch`` is the first epoch trained with λ > 0. On opening:
    λ = ``lambda_start``; λ is then held for ``freeze_epochs`` further epochs, after which it grows by
    ``lambda_increment`` per epoch up to ``lambda_max``; the write path is disabled for the next
    ``write_cooldown_batches`` training batches; the learning rate is multiplied by ``lr_scale``, which is
    ``lr_restart_factor`` in ``open_epoch`` and returns to 1 along a half cosine over ``lr_restart_epochs`` epochs.
-4. ``oracle_mix`` is independent of the gate: it goes linearly from ``oracle_mix_start`` (epoch 0) to
+4. The guard (``guard_drop`` set): once open, an epoch whose EMA falls more than ``guard_drop`` below the EMA the
+   gate opened at is a trip: λ is multiplied by ``guard_backoff`` instead of advancing (a freeze epoch is still
+   used up). This is the documented failure it catches: InfoNCE pulling reads onto prototypes while the writes
+   collapse, so read cosine and accuracy slide after opening.
+5. ``oracle_mix`` is independent of the gate: it goes linearly from ``oracle_mix_start`` (epoch 0) to
    ``oracle_mix_end`` (epoch ``oracle_mix_epochs`` and after).
 
 Interface with the LightningModule (nothing else is touched):
@@ -31,11 +36,14 @@ Interface with the LightningModule (nothing else is touched):
 * the module **sets** ``pl_module.read_cos`` (float or 0-dim tensor: the batch's mean raw read cosine, e.g.
   ``output.telemetry["read_cos_raw"]``) in every ``training_step``; the callback reads it after the batch
   (averaged over ranks under DDP, so all ranks follow one schedule);
-* the callback scales every optimizer param group's ``lr`` by ``lr_scale`` for the duration of each training
-  batch and restores it afterwards, so LR schedulers (stepped after ``on_train_batch_end``) never see the
-  factor and the two compose multiplicatively;
+* the callback scales every optimizer param group's ``lr`` by ``lr_scale`` for the duration of each
+  ``optimizer.step()`` only (step pre- and post-hooks), so LR schedulers never see the factor, whenever Lightning
+  steps them, and the two compose multiplicatively; ``lr-*`` curves from LearningRateMonitor show the
+  scheduler's LR, ``gate/lr_scale`` the factor;
 * it logs ``gate/lambda``, ``gate/open`` (its epoch mean is the fraction of batches with the gate open),
-  ``gate/read_cos_ema``, ``gate/write_enabled``, ``gate/oracle_mix``, ``gate/lr_scale``, ``gate/num_bad_epochs``.
+  ``gate/read_cos_ema``, ``gate/write_enabled``, ``gate/oracle_mix``, ``gate/lr_scale``, ``gate/num_bad_epochs``,
+  and per epoch ``gate/open_fraction`` (share of the epoch's batches trained with the gate open) and
+  ``gate/guard_trips``.
 
 Resuming: the batch sums of the running epoch are part of the state. A checkpoint written at
 ``on_validation_end`` (what ``ModelCheckpoint`` does whenever validation does not run exactly once per epoch)
@@ -52,6 +60,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.hooks import RemovableHandle
 
 from src.errors import EngramError
 
@@ -69,6 +78,9 @@ class GateConfig:
     lambda_start: float = 0.05
     lambda_increment: float = 0.05
     lambda_max: float = 0.5
+    read_patience: int = 0
+    guard_drop: float | None = None
+    guard_backoff: float = 0.5
     freeze_epochs: int = 0
     lr_restart_factor: float = 1.0
     lr_restart_epochs: int = 0
@@ -82,7 +94,8 @@ class GateConfig:
             raise EngramError(f"ema_decay={self.ema_decay} must be in [0, 1).")
         if self.plateau_threshold_mode not in ("rel", "abs"):
             raise EngramError(f"plateau_threshold_mode={self.plateau_threshold_mode!r}: use 'rel' or 'abs'.")
-        for name in ("patience", "freeze_epochs", "lr_restart_epochs", "write_cooldown_batches", "oracle_mix_epochs"):
+        counts = ("patience", "read_patience", "freeze_epochs", "lr_restart_epochs", "write_cooldown_batches")
+        for name in (*counts, "oracle_mix_epochs"):
             if getattr(self, name) < 0:
                 raise EngramError(f"{name}={getattr(self, name)} must be ≥ 0.")
         if not 0.0 <= self.lambda_start <= self.lambda_max or self.lambda_increment < 0:
@@ -90,6 +103,10 @@ class GateConfig:
                 f"need 0 ≤ lambda_start ({self.lambda_start}) ≤ lambda_max ({self.lambda_max}) and "
                 f"lambda_increment ({self.lambda_increment}) ≥ 0."
             )
+        if self.guard_drop is not None and self.guard_drop < 0:
+            raise EngramError(f"guard_drop={self.guard_drop} must be ≥ 0 (or null: no guard).")
+        if not 0.0 <= self.guard_backoff <= 1.0:
+            raise EngramError(f"guard_backoff={self.guard_backoff} must be in [0, 1] (the factor λ keeps on a trip).")
         if self.lr_restart_factor <= 0:
             raise EngramError(f"lr_restart_factor={self.lr_restart_factor} must be > 0 (1 = no restart).")
         for name in ("oracle_mix_start", "oracle_mix_end"):
@@ -112,6 +129,11 @@ class InfoNCEGateSchedule:
         self.lam = 0.0
         self.freeze_left = 0
         self.cooldown_left = 0
+        self.ready_epochs = 0  # consecutive epochs with EMA ≥ threshold (read readiness)
+        self.open_ema: float | None = None  # the EMA when the gate opened (the guard's reference)
+        self.guard_trips = 0
+        self.open_batches = 0  # batches of the running epoch trained with the gate open
+        self.open_fraction = 0.0  # of the last completed epoch
 
     # --- events -------------------------------------------------------------------------------------------
     def record_batch(self, read_cos: float) -> None:
@@ -120,6 +142,7 @@ class InfoNCEGateSchedule:
             raise EngramError(f"read_cos={read_cos} is not finite; the gate needs a real read cosine per batch.")
         self.batch_sum += read_cos
         self.batch_count += 1
+        self.open_batches += int(self.is_open)
         self.cooldown_left = max(0, self.cooldown_left - 1)
 
     def end_epoch(self) -> None:
@@ -129,18 +152,31 @@ class InfoNCEGateSchedule:
             mean = self.batch_sum / self.batch_count
             self.ema = mean if self.ema is None else c.ema_decay * self.ema + (1 - c.ema_decay) * mean
             self._track_plateau(self.ema)
+        self.ready_epochs = self.ready_epochs + 1 if self.ema is not None and self.ema >= c.threshold else 0
         if self.is_open:
+            tripped = self._guard_tripped()
             if self.freeze_left > 0:
                 self.freeze_left -= 1
-            else:
+            elif not tripped:
                 self.lam = min(self.lam + c.lambda_increment, c.lambda_max)
-        elif self.ema is not None and self.ema >= c.threshold and (not c.require_plateau or self.on_plateau):
+            if tripped:
+                self.guard_trips += 1
+                self.lam *= c.guard_backoff
+        elif self.ready_epochs > c.read_patience and (not c.require_plateau or self.on_plateau):
             self.open_epoch = self.epochs_done + 1
+            self.open_ema = self.ema
             self.lam = c.lambda_start
             self.freeze_left = c.freeze_epochs
             self.cooldown_left = c.write_cooldown_batches
+        self.open_fraction = self.open_batches / self.batch_count if self.batch_count else 0.0
         self.epochs_done += 1
-        self.batch_sum, self.batch_count = 0.0, 0
+        self.batch_sum, self.batch_count, self.open_batches = 0.0, 0, 0
+
+    def _guard_tripped(self) -> bool:
+        drop = self.config.guard_drop
+        if drop is None or self.ema is None or self.open_ema is None:
+            return False
+        return self.ema < self.open_ema - drop
 
     def _track_plateau(self, value: float) -> None:
         c = self.config
@@ -212,7 +248,8 @@ class InfoNCEGateCallback(pl.Callback):
     def __init__(self, config: GateConfig | None = None) -> None:
         super().__init__()
         self.schedule = InfoNCEGateSchedule(config)
-        self._saved_lrs: list[list[float]] = []
+        self._saved_lrs: list[float] = []
+        self._hooks: list[RemovableHandle] = []
 
     def _push(self, pl_module: pl.LightningModule) -> None:
         pl_module.infonce_weight = self.schedule.infonce_weight
@@ -227,23 +264,35 @@ class InfoNCEGateCallback(pl.Callback):
                 "infonce_weight, write_enabled and oracle_mix in __init__ and use them in training_step."
             )
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            self._hooks.append(optimizer.register_step_pre_hook(self._scale_lr))
+            self._hooks.append(optimizer.register_step_post_hook(self._restore_lr))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _scale_lr(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._saved_lrs = [group["lr"] for group in optimizer.param_groups]
+        scale = self.schedule.lr_scale
+        if scale != 1.0:
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * scale
+
+    def _restore_lr(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group, lr in zip(optimizer.param_groups, self._saved_lrs, strict=True):
+            group["lr"] = lr
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._push(pl_module)
-        scale = self.schedule.lr_scale
-        self._saved_lrs = [[group["lr"] for group in opt.param_groups] for opt in trainer.optimizers]
-        if scale != 1.0:
-            for opt in trainer.optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["lr"] * scale
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        for opt, lrs in zip(trainer.optimizers, self._saved_lrs, strict=True):
-            for group, lr in zip(opt.param_groups, lrs, strict=True):
-                group["lr"] = lr
         read_cos = getattr(pl_module, "read_cos", None)
         if read_cos is None:
             raise EngramError(
@@ -273,6 +322,7 @@ class InfoNCEGateCallback(pl.Callback):
         s = self.schedule
         if s.ema is not None:
             pl_module.log_dict({"gate/read_cos_ema": s.ema, "gate/num_bad_epochs": float(s.num_bad_epochs)})
+        pl_module.log_dict({"gate/open_fraction": s.open_fraction, "gate/guard_trips": float(s.guard_trips)})
         self._push(pl_module)
 
     def state_dict(self) -> dict[str, Any]:

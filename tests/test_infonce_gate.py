@@ -92,6 +92,43 @@ def test_plateau_requirement_delays_opening() -> None:
     assert no_plateau.open_epoch == 2
 
 
+def test_read_patience_and_guard_follow_scripted_sequence() -> None:
+    """read_patience: the EMA must stay ≥ threshold for 1 more epoch; the guard halves λ when the EMA drops more
+    than 0.1 below the EMA the gate opened at, and λ resumes its ramp from there."""
+    config = GateConfig(
+        ema_decay=0.0, threshold=0.3, read_patience=1, lambda_start=0.1, lambda_increment=0.1, lambda_max=0.5,
+        guard_drop=0.1, guard_backoff=0.5,
+    )  # fmt: skip
+    schedule = InfoNCEGateSchedule(config)
+    lam, fractions = [], []
+    for value in [0.2, 0.4, 0.5, 0.6, 0.45, 0.55, 0.3, 0.6]:  # ema = the epoch value (decay 0)
+        lam.append(schedule.infonce_weight)
+        schedule.record_batch(value)
+        schedule.end_epoch()
+        fractions.append(schedule.open_fraction)
+    # ready from epoch 1; one more ready epoch (2) → opens after epoch 2 at EMA 0.5; the guard line is 0.4
+    assert schedule.open_epoch == 3 and schedule.open_ema == 0.5
+    # 0.45 and 0.55 stay above 0.4 (λ ramps), 0.3 trips: 0.4 → 0.2, then the ramp continues to 0.3
+    assert lam == pytest.approx([0, 0, 0, 0.1, 0.2, 0.3, 0.4, 0.2], abs=1e-12)
+    assert schedule.lam == pytest.approx(0.3) and schedule.guard_trips == 1
+    assert fractions == [0, 0, 0, 1, 1, 1, 1, 1]
+    # without read_patience the first ready epoch opens the gate
+    eager = InfoNCEGateSchedule(GateConfig(ema_decay=0.0, threshold=0.3))
+    for value in [0.2, 0.4]:
+        eager.record_batch(value)
+        eager.end_epoch()
+    assert eager.open_epoch == 2
+
+
+def test_guard_trip_during_freeze_still_backs_off() -> None:
+    config = GateConfig(ema_decay=0.0, threshold=0.3, lambda_start=0.2, freeze_epochs=2, guard_drop=0.05)
+    schedule = InfoNCEGateSchedule(config)
+    for value in [0.5, 0.3, 0.5]:  # opens after epoch 0 at 0.5; epoch 1 (frozen) trips; epoch 2 (frozen) does not
+        schedule.record_batch(value)
+        schedule.end_epoch()
+    assert schedule.guard_trips == 1 and schedule.lam == pytest.approx(0.1) and schedule.freeze_left == 0
+
+
 def _stream(schedule: InfoNCEGateSchedule, first: int, stop: int, log: list, close_last_epoch: bool = True) -> None:
     """Process global batches first..stop-1; an epoch ends after its last batch (optionally not the final one)."""
     for b in range(first, stop):
@@ -130,6 +167,12 @@ def test_config_validation() -> None:
         GateConfig(lambda_start=0.9, lambda_max=0.5)
     with pytest.raises(EngramError, match="patience"):
         GateConfig(patience=-1)
+    with pytest.raises(EngramError, match="read_patience=-2"):
+        GateConfig(read_patience=-2)
+    with pytest.raises(EngramError, match=r"guard_drop=-0\.1"):
+        GateConfig(guard_drop=-0.1)
+    with pytest.raises(EngramError, match=r"guard_backoff=1\.5"):
+        GateConfig(guard_backoff=1.5)
     with pytest.raises(EngramError, match="read_cos"):
         InfoNCEGateSchedule().record_batch(float("nan"))
 
@@ -148,7 +191,7 @@ class ScriptedReads(pl.LightningModule):
         self.seen: list[tuple] = []
 
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        lr = self.lr_schedulers().get_last_lr()[0]  # the scheduler's LR (the gate's factor is applied on top)
         self.seen.append((self.current_epoch, batch_idx, self.infonce_weight, self.write_enabled, self.oracle_mix, lr))
         self.read_cos = torch.tensor(batch_cos(self.current_epoch, batch_idx))
         return self.layer(batch[0]).pow(2).mean()
@@ -156,8 +199,23 @@ class ScriptedReads(pl.LightningModule):
     def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
         self.log("val_loss", self.layer(batch[0]).pow(2).mean())
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+    def configure_optimizers(self) -> dict:
+        optimizer = RecordingSGD(self.parameters(), lr=0.1)
+        # a per-step schedule: the gate's LR factor must multiply it, never freeze or leak into it
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class RecordingSGD(torch.optim.SGD):
+    """Records the LR each ``step()`` actually uses (after the gate's step pre-hook)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.used: list[float] = []
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        self.used.append(self.param_groups[0]["lr"])
+        return super().step(closure)
 
 
 def _loader() -> DataLoader:
@@ -199,7 +257,13 @@ def test_callback_applies_schedule_and_resumes_exactly(tmp_path: Path, save_on_t
     lam = [row[2] for row in full.seen[::BATCHES]]
     assert lam == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.1, 0.2, 0.3, 0.3], abs=1e-12)
     assert [row[3] for row in full.seen] == [True] * 6 + [False] * 3 + [True] * 7
-    assert [row[5] for row in full.seen[::BATCHES]] == pytest.approx([0.1, 0.1, 0.1, 0.3, 0.2, 0.1, 0.1, 0.1])
+    # the scheduler's LR follows 0.1/(1+step), untouched by the gate; each step used it times the gate factor
+    # (×3 in epoch 3, ×2 in epoch 4: the warm restart)
+    steps = range(len(full.seen))
+    assert [row[5] for row in full.seen] == pytest.approx([0.1 / (1 + s) for s in steps])
+    factor = [1, 1, 1, 3, 2, 1, 1, 1]
+    used = full.trainer.optimizers[0].used
+    assert used == pytest.approx([0.1 / (1 + s) * factor[s // BATCHES] for s in steps])
     assert [row[4] for row in full.seen[::BATCHES]] == pytest.approx([1, 0.75, 0.5, 0.25, 0, 0, 0, 0])
 
     # Resume from the end of epoch 2, the epoch whose end opens the gate.
