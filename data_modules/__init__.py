@@ -3,7 +3,7 @@
 from data_modules.base import EngramDataModule, TokenWindows
 from data_modules.embedded import EmbeddedDataModule
 from data_modules.listops import ListOpsDataModule
-from data_modules.needle import NeedleDataModule
+from data_modules.needle import NeedleDataModule, TokenNeedleDataModule
 from data_modules.pg19 import PG19DataModule
 from data_modules.slim_pile import SlimPileDataModule
 
@@ -12,6 +12,7 @@ __all__ = [
     "EngramDataModule",
     "ListOpsDataModule",
     "NeedleDataModule",
+    "TokenNeedleDataModule",
     "PG19DataModule",
     "SlimPileDataModule",
     "TokenWindows",

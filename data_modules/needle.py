@@ -28,7 +28,7 @@ Example ``i`` of split ``s`` is a pure function of ``(seed, s, i)``: any rank or
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from data_modules.base import EngramDataModule
 from data_modules.embedded import SOURCES, load_texts, split_by_work
-from data_modules.tokenizer import Tokenizer
+from data_modules.tokenizer import SymbolTokenizer, Tokenizer
 from src.errors import EngramError
 
 ADJECTIVES = (
@@ -132,50 +132,73 @@ class NeedleHaystack(Dataset):
             query_parts += [question, answer, self._encode(".")]
             offset += len(question) + len(answer) + len(query_parts[-1])
 
-        budget = self.seq_len - offset - sum(len(n) for n in needles)
-        if budget < 0:
-            raise EngramError(
-                f"seq_len={self.seq_len} is too short for {self.num_needles} needle(s) + {self.distractors} "
-                f"distractor(s) with their queries ({self.seq_len - budget} tokens). Raise seq_len or lower "
-                "num_needles/distractors."
-            )
-        filler = self._filler(rng, budget)
-        points = rng.integers(0, budget + 1, size=n_all)
-        if self.depth is not None:
-            points[0] = round(self.depth * budget)
+        return assemble_example(
+            rng, self.seq_len, needles, asked, query_parts, answer_offsets, self.depth, self.loss_on, self._filler
+        )
 
-        pieces: list[torch.Tensor] = []
-        starts = [0] * n_all
-        pos = prev = 0
-        for j in np.argsort(points, kind="stable"):
-            point = int(points[j])
-            pieces.append(filler[prev:point])
-            pos += point - prev
-            prev = point
-            starts[j] = pos
-            pieces.append(needles[j])
-            pos += len(needles[j])
-        pieces.append(filler[prev:])
-        context_len = pos + budget - prev
-        input_ids = torch.cat(pieces + query_parts)
-        assert len(input_ids) == self.seq_len
 
-        answer_start = torch.tensor([context_len + s for s, _ in answer_offsets])
-        answer_end = torch.tensor([context_len + e for _, e in answer_offsets])
-        if self.loss_on == "all":
-            labels = input_ids.clone()
-        else:
-            labels = torch.full_like(input_ids, -100)
-            for s, e in zip(answer_start.tolist(), answer_end.tolist(), strict=True):
-                labels[s:e] = input_ids[s:e]
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "answer_start": answer_start,
-            "answer_end": answer_end,
-            "needle_start": torch.tensor([starts[j] for j in asked]),
-            "depth": torch.tensor([points[j] / max(budget, 1) for j in asked], dtype=torch.float32),
-        }
+def assemble_example(
+    rng: np.random.Generator,
+    seq_len: int,
+    needles: list[torch.Tensor],
+    asked: list[int],
+    query_parts: list[torch.Tensor],
+    answer_offsets: list[tuple[int, int]],
+    depth: float | None,
+    loss_on: str,
+    filler: Callable[[np.random.Generator, int], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """Lay out one example: a haystack of ``filler`` with the needles inserted, then the queries.
+
+    ``needles`` holds every needle, queried ones first (``asked`` lists those in query order; needle 0 goes at
+    ``depth``, the others anywhere); ``answer_offsets`` are the answer spans inside the concatenated ``query_parts``.
+    Returns the batch keys of the module docstring.
+    """
+    query_len = sum(len(part) for part in query_parts)
+    budget = seq_len - query_len - sum(len(n) for n in needles)
+    if budget < 0:
+        raise EngramError(
+            f"seq_len={seq_len} is too short for {len(asked)} needle(s) + {len(needles) - len(asked)} "
+            f"distractor(s) with their queries ({seq_len - budget} tokens). Raise seq_len or lower "
+            "num_needles/distractors."
+        )
+    haystack = filler(rng, budget)
+    points = rng.integers(0, budget + 1, size=len(needles))
+    if depth is not None:
+        points[0] = round(depth * budget)
+
+    pieces: list[torch.Tensor] = []
+    starts = [0] * len(needles)
+    pos = prev = 0
+    for j in np.argsort(points, kind="stable"):
+        point = int(points[j])
+        pieces.append(haystack[prev:point])
+        pos += point - prev
+        prev = point
+        starts[j] = pos
+        pieces.append(needles[j])
+        pos += len(needles[j])
+    pieces.append(haystack[prev:])
+    context_len = pos + budget - prev
+    input_ids = torch.cat(pieces + query_parts)
+    assert len(input_ids) == seq_len
+
+    answer_start = torch.tensor([context_len + s for s, _ in answer_offsets])
+    answer_end = torch.tensor([context_len + e for _, e in answer_offsets])
+    if loss_on == "all":
+        labels = input_ids.clone()
+    else:
+        labels = torch.full_like(input_ids, -100)
+        for s, e in zip(answer_start.tolist(), answer_end.tolist(), strict=True):
+            labels[s:e] = input_ids[s:e]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "answer_start": answer_start,
+        "answer_end": answer_end,
+        "needle_start": torch.tensor([starts[j] for j in asked]),
+        "depth": torch.tensor([points[j] / max(budget, 1) for j in asked], dtype=torch.float32),
+    }
 
 
 class NeedleDataModule(EngramDataModule):
@@ -267,6 +290,130 @@ class NeedleDataModule(EngramDataModule):
         dataset = NeedleHaystack(
             split, self.sizes[split], self.seed, self.seq_len, self.tokenizer, self.num_needles, self.distractors,
             self.depth, self.loss_on, text_stream=stream, lexicon=lexicon,
+        )  # fmt: skip
+        dataset[0]  # fail now, not mid-epoch, when seq_len cannot hold the needles and queries
+        return dataset
+
+
+class SymbolNeedles(Dataset):
+    """Token-level needles (RULER's layout over a symbol vocabulary, as in Zoology's associative recall).
+
+    Needle ``<key> k <val> v``; haystack: uniform random filler symbols; query ``<query> k <val>`` followed by the
+    answer ``v``. Keys, values and filler are disjoint vocabularies; keys and values are distinct within an
+    example. One answer token per query, so exact match is token accuracy at the answer.
+    """
+
+    def __init__(
+        self,
+        split: str,
+        size: int,
+        seed: int,
+        seq_len: int,
+        tokenizer: SymbolTokenizer,
+        num_needles: int,
+        distractors: int,
+        depth: float | None,
+        loss_on: str,
+        vocab: tuple[int, int, int],
+    ) -> None:
+        self.split, self.size, self.seed, self.seq_len = split, size, seed, seq_len
+        self.num_needles, self.distractors, self.depth, self.loss_on = num_needles, distractors, depth, loss_on
+        self.num_keys, self.num_values, self.num_filler = vocab
+        ids = tokenizer.ids
+        self.key_mark, self.val_mark, self.query_mark = ids["<key>"], ids["<val>"], ids["<query>"]
+        self.first_key, self.first_value, self.first_filler = ids["k0"], ids["v0"], ids["w0"]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _filler(self, rng: np.random.Generator, length: int) -> torch.Tensor:
+        return torch.from_numpy(rng.integers(self.num_filler, size=length) + self.first_filler)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, SPLIT_CODE[self.split], i])
+        n_all = self.num_needles + self.distractors
+        keys = rng.choice(self.num_keys, size=n_all, replace=False) + self.first_key
+        values = rng.choice(self.num_values, size=n_all, replace=False) + self.first_value
+        needles = [torch.tensor([self.key_mark, k, self.val_mark, v]) for k, v in zip(keys, values, strict=True)]
+        asked = [int(j) for j in rng.permutation(self.num_needles)]
+        query_parts = [torch.tensor([self.query_mark, keys[j], self.val_mark, values[j]]) for j in asked]
+        answer_offsets = [(4 * q + 3, 4 * q + 4) for q in range(len(asked))]
+        return assemble_example(
+            rng, self.seq_len, needles, asked, query_parts, answer_offsets, self.depth, self.loss_on, self._filler
+        )
+
+
+class TokenNeedleDataModule(EngramDataModule):
+    """Needle-in-a-haystack over a symbol vocabulary (see ``SymbolNeedles``); same batch keys as ``NeedleDataModule``.
+
+    The text needle asks a model to read English and copy a 7-digit number byte by byte; this one isolates the
+    memory: store ``k → v`` once, recall it ``seq_len`` tokens later. Its vocabulary is
+    ``<pad> <bos> <eos> <key> <val> <query>``, then ``k0..``, ``v0..``, ``w0..`` (filler).
+
+    Args:
+        seq_len: tokens per example, queries included.
+        batch_size: examples per batch and per device.
+        num_workers: DataLoader worker processes.
+        seed: example ``i`` of a split is a pure function of (seed, split, i).
+        train_size: examples per training epoch (generated lazily).
+        val_size: validation examples.
+        test_size: test examples.
+        num_needles: needles that are queried (one answer token each).
+        distractors: extra needles with other keys that are never queried.
+        depth: filler share before the first queried needle, in [0, 1]; null = uniform random.
+        loss_on: ``answer`` (labels only on answer tokens) or ``all`` (plain LM loss on every token).
+        num_keys: size of the key vocabulary.
+        num_values: size of the value vocabulary.
+        num_filler: size of the filler vocabulary.
+    """
+
+    def __init__(
+        self,
+        seq_len: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        train_size: int = 100_000,
+        val_size: int = 500,
+        test_size: int = 500,
+        num_needles: int = 1,
+        distractors: int = 0,
+        depth: float | None = None,
+        loss_on: str = "answer",
+        num_keys: int = 64,
+        num_values: int = 64,
+        num_filler: int = 128,
+    ) -> None:
+        super().__init__(seq_len, batch_size, "symbols", 0, num_workers, seed)
+        n_all = num_needles + distractors
+        if num_needles < 1 or distractors < 0 or n_all > min(num_keys, num_values) or num_filler < 1:
+            raise EngramError(
+                f"num_needles={num_needles}, distractors={distractors}, num_keys={num_keys}, num_values={num_values}, "
+                f"num_filler={num_filler}: need num_needles >= 1, distractors >= 0, num_needles + distractors <= "
+                "min(num_keys, num_values) (keys and values are distinct within an example) and num_filler >= 1."
+            )
+        if depth is not None and not 0 <= depth <= 1:
+            raise EngramError(f"depth={depth} must be in [0, 1] (share of the haystack), or null for random.")
+        if loss_on not in LOSS_ON:
+            raise EngramError(f"loss_on={loss_on!r} is unknown; use one of {', '.join(LOSS_ON)}.")
+        if min(train_size, val_size, test_size) < 1:
+            raise EngramError(f"train_size/val_size/test_size = {train_size}/{val_size}/{test_size}: all must be >= 1.")
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+        self.num_needles, self.distractors, self.depth, self.loss_on = num_needles, distractors, depth, loss_on
+        self.num_keys, self.num_values, self.num_filler = num_keys, num_values, num_filler
+        self._tokenizer = SymbolTokenizer(
+            ["<key>", "<val>", "<query>"]
+            + [f"k{i}" for i in range(num_keys)]
+            + [f"v{i}" for i in range(num_values)]
+            + [f"w{i}" for i in range(num_filler)]
+        )
+
+    def make_split(self, split: str) -> SymbolNeedles:
+        dataset = SymbolNeedles(
+            split, self.sizes[split], self.seed, self.seq_len, self._tokenizer, self.num_needles, self.distractors,
+            self.depth, self.loss_on, (self.num_keys, self.num_values, self.num_filler),
         )  # fmt: skip
         dataset[0]  # fail now, not mid-epoch, when seq_len cannot hold the needles and queries
         return dataset

@@ -42,6 +42,32 @@ class ByteTokenizer:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
+class SymbolTokenizer:
+    """A closed vocabulary of named symbols for synthetic token-level tasks: ``encode`` splits on whitespace.
+
+    The first three symbols are always ``<pad> <bos> <eos>``; an unknown symbol is an error, not a silent ``<unk>``.
+    """
+
+    name = "symbols"
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def __init__(self, symbols: Iterable[str]) -> None:
+        self.symbols = ["<pad>", "<bos>", "<eos>", *symbols]
+        self.ids = {symbol: i for i, symbol in enumerate(self.symbols)}
+        if len(self.ids) != len(self.symbols):
+            raise EngramError("SymbolTokenizer symbols must be distinct (and must not repeat <pad>, <bos>, <eos>).")
+        self.vocab_size = len(self.symbols)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.ids[symbol] for symbol in text.split()]
+        except KeyError as err:
+            raise EngramError(f"symbol {err.args[0]!r} is not in this {self.vocab_size}-symbol vocabulary.") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(self.symbols[i] for i in ids)
+
+
 class HFTokenizer:
     """Wraps a ``transformers`` tokenizer (a local folder, or a hub id where a hub is reachable)."""
 

@@ -31,6 +31,7 @@ from data_modules import (
     NeedleDataModule,
     PG19DataModule,
     SlimPileDataModule,
+    TokenNeedleDataModule,
 )
 from data_modules.embedded import CORPUS_DIR, fetch_shakespeare, shipped_texts, work_of
 from data_modules.needle import ADJECTIVES, NEEDLE, NOUNS, QUESTION
@@ -233,6 +234,63 @@ def test_needle_bad_settings(tmp_path) -> None:
         NeedleDataModule(haystack="essay")
     with pytest.raises(EngramError, match="loss_on='last' is unknown"):
         NeedleDataModule(loss_on="last")
+
+
+def test_token_needles_layout(tmp_path) -> None:
+    """Token needles: each needle `<key> k <val> v` once, queries `<query> k <val> v` at the end, the answer span
+    on v, distractor keys never asked, key/value/filler vocabularies disjoint, RULER's depth rule."""
+    seq_len, depth = 96, 0.25
+    dm = TokenNeedleDataModule(seq_len=seq_len, batch_size=4, num_needles=3, distractors=2, depth=depth,
+                               train_size=8, num_keys=16, num_values=16, num_filler=32)  # fmt: skip
+    dm.setup("fit")
+    assert dm.vocab_size == 3 + 3 + 16 + 16 + 32
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (4, seq_len) and batch["answer_start"].shape == (4, 3)
+    for row in range(4):
+        symbols = dm.tokenizer.decode(batch["input_ids"][row].tolist()).split()
+        queries = symbols[-12:]
+        context = symbols[:-12]
+        needles = {context[i + 1]: context[i + 3] for i, s in enumerate(context) if s == "<key>"}
+        assert context.count("<key>") == len(needles) == 5 and len(set(needles.values())) == 5
+        assert all(context[i + 2] == "<val>" for i, s in enumerate(context) if s == "<key>")
+        filler = [s for s in context if s.startswith("w")]
+        assert len(filler) == len(context) - 20 and "<query>" not in context
+        asked = queries[1::4]
+        assert queries[0::4] == ["<query>"] * 3 and queries[2::4] == ["<val>"] * 3 and len(set(asked)) == 3
+        for q, key in enumerate(asked):
+            start, end = int(batch["answer_start"][row][q]), int(batch["answer_end"][row][q])
+            assert end == start + 1 and symbols[start] == needles[key] == queries[4 * q + 3]
+            assert symbols[int(batch["needle_start"][row][q]) : int(batch["needle_start"][row][q]) + 2] == [
+                "<key>",
+                key,
+            ]
+        labels = batch["labels"][row]
+        assert (labels != -100).sum() == 3 and torch.equal(
+            labels[labels != -100], batch["input_ids"][row][labels != -100]
+        )
+        # one queried needle (needle 0, asked in any order) starts after round(depth * filler length) filler symbols
+        budget = seq_len - 32
+        at_depth = [
+            q for q in range(3) if batch["depth"][row][q].item() == pytest.approx(round(depth * budget) / budget)
+        ]
+        for q in at_depth:  # another needle may land on the same filler position by chance
+            start = int(batch["needle_start"][row][q])
+            assert start - 4 * symbols[:start].count("<key>") == round(depth * budget)
+        assert at_depth
+    again = TokenNeedleDataModule(seq_len=seq_len, num_needles=3, distractors=2, depth=depth, train_size=8,
+                                  num_keys=16, num_values=16, num_filler=32)  # fmt: skip
+    again.setup("fit")
+    assert torch.equal(again.datasets["train"][5]["input_ids"], dm.datasets["train"][5]["input_ids"])
+    assert not torch.equal(dm.datasets["train"][5]["input_ids"], dm.datasets["train"][6]["input_ids"])
+
+
+def test_token_needles_bad_settings() -> None:
+    with pytest.raises(EngramError, match=r"num_needles \+ distractors <= min\(num_keys, num_values\)"):
+        TokenNeedleDataModule(num_needles=5, distractors=4, num_keys=8)
+    with pytest.raises(EngramError, match=r"seq_len=16 is too short for 2 needle\(s\) \+ 2 distractor"):
+        TokenNeedleDataModule(seq_len=16, num_needles=2, distractors=2).setup("fit")
+    with pytest.raises(EngramError, match="symbol 'k99' is not in this"):
+        TokenNeedleDataModule(num_keys=4).tokenizer.encode("<key> k99")
 
 
 # --- PG-19 --------------------------------------------------------------------------------------------------------
@@ -466,6 +524,7 @@ def test_bad_data_input_messages(tmp_path) -> None:
     [
         (EmbeddedDataModule, {"seq_len": 64, "val_fraction": 0.2}),
         (NeedleDataModule, {"num_needles": 2, "distractors": 3, "depth": 0.5, "haystack": "noise"}),
+        (TokenNeedleDataModule, {"num_needles": 2, "distractors": 3, "num_keys": 32, "num_filler": 50}),
         (ListOpsDataModule, {"max_length": 100, "min_length": 10, "seq_len": 128}),
         (PG19DataModule, {"data_path": "/data/pg19", "streaming": True, "max_docs": 5}),
         (SlimPileDataModule, {"hub_id": "cerebras/SlimPajama-627B", "exclude_sets": ["RedPajamaGithub"]}),
