@@ -1,7 +1,8 @@
 """The callback that owns a run's telemetry stream (``<run_dir>/telemetry.jsonl``; schema in ``src/telemetry.py``).
 
-Every ``every_n_steps`` optimizer steps it writes the scalars the LightningModule logged (``trainer.callback_metrics``)
-as events, and after each validation the validation scalars. Other callbacks add their own events through
+Every ``every_n_steps`` optimizer steps it writes the training scalars the LightningModule and its callbacks logged
+(``trainer.callback_metrics``: ``train/...`` and family telemetry such as ``emma/...``) as events, and after each
+validation the validation scalars. Other callbacks add their own events through
 :func:`telemetry_of`, so every hook shares one file and one format::
 
     stream = telemetry_of(trainer)
@@ -22,18 +23,34 @@ import torch
 from src.telemetry import TELEMETRY_FILENAME, TelemetryWriter
 
 Row = tuple[str, float, int | None, int | None, int | None]
+EVAL_PREFIXES = ("val/", "test/")
 
 
-def _scalars(metrics: dict[str, object], prefix: str | None = None) -> list[Row]:
-    rows: list[Row] = []
-    for name, value in sorted(metrics.items()):
-        if prefix and not name.startswith(prefix):
+def step_scalars(metrics: dict[str, object]) -> dict[str, torch.Tensor]:
+    """The training scalars of the last step, from ``trainer.callback_metrics``: everything the module and its
+    callbacks logged (``train/...``, family telemetry such as ``emma/...``, ``gate/...``) minus eval metrics and
+    epoch aggregates. A value logged with both ``on_step`` and ``on_epoch`` appears as ``name_step``; it is
+    returned as ``name``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in metrics.items():
+        if name.startswith(EVAL_PREFIXES) or name.endswith("_epoch"):
             continue
         if isinstance(value, torch.Tensor) and value.numel() == 1:
-            rows.append((name, float(value.item()), None, None, None))
-        elif isinstance(value, int | float):
-            rows.append((name, float(value), None, None, None))
-    return rows
+            out[name.removesuffix("_step")] = value.reshape(())
+    return out
+
+
+def eval_scalars(metrics: dict[str, object], prefix: str) -> dict[str, torch.Tensor]:
+    """The scalars under ``prefix`` (``val/``, ``test/``) in ``trainer.callback_metrics``."""
+    return {
+        name: value
+        for name, value in metrics.items()
+        if name.startswith(prefix) and isinstance(value, torch.Tensor) and value.numel() == 1
+    }
+
+
+def _rows(scalars: dict[str, torch.Tensor]) -> list[Row]:
+    return [(name, float(value.item()), None, None, None) for name, value in sorted(scalars.items())]
 
 
 class TelemetryCallback(pl.Callback):
@@ -74,16 +91,16 @@ class TelemetryCallback(pl.Callback):
         if step == self._last_step or step % self.every_n_steps != 0:
             return
         self._last_step = step
-        rows = _scalars(trainer.callback_metrics, prefix="train/")
+        rows = _rows(step_scalars(trainer.callback_metrics))
         rows.append(("train/tokens_seen", float(getattr(pl_module, "tokens_seen", 0)), None, None, None))
         self.emit_rows(trainer, pl_module, rows)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self.emit_rows(trainer, pl_module, _scalars(trainer.callback_metrics, prefix="val/"))
+            self.emit_rows(trainer, pl_module, _rows(eval_scalars(trainer.callback_metrics, "val/")))
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.emit_rows(trainer, pl_module, _scalars(trainer.callback_metrics, prefix="test/"))
+        self.emit_rows(trainer, pl_module, _rows(eval_scalars(trainer.callback_metrics, "test/")))
 
 
 def telemetry_of(trainer: pl.Trainer) -> TelemetryCallback | None:

@@ -23,6 +23,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from callbacks.epoch_csv import EpochCSVCallback
 from callbacks.rng_state import RNGStateCallback
 from callbacks.telemetry import TelemetryCallback
 from data_modules.base import EngramDataModule
@@ -90,6 +91,7 @@ class EngramCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 100})
         parser.add_lightning_class_args(TelemetryCallback, "telemetry")
+        parser.add_lightning_class_args(EpochCSVCallback, "epoch_csv")
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
     # --- checkpoints given on the command line --------------------------------------------------------------

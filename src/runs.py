@@ -6,6 +6,7 @@ Layout of one run (``<root>/<name>/v<N>/``)::
     checkpoints/        last.ckpt (+ any periodic ones); written atomically
     metrics.csv         every logged scalar (CSVLogger), appended to across resumes
     telemetry.jsonl     the event stream (src/telemetry.py)
+    per_epoch.csv       one row per epoch: spread of every training scalar, validation scalars (callbacks/epoch_csv.py)
 
 A fresh ``fit`` starts a new version; ``--ckpt_path last`` continues the newest version of ``<root>/<name>`` that
 has ``checkpoints/last.ckpt``. DDP ranks started by Lightning inherit the directory through ``ENGRAM_RUN_DIR``.

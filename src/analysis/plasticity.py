@@ -49,10 +49,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +60,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from src.analysis.buckets import BUCKETS, NOVELTY, RETRIEVAL, SYNTAX, BatchBuckets
+from src.atomic import atomic_write
 from src.errors import EngramError
 
 TOKEN_METRICS: tuple[str, ...] = ("grad_norm", "g_norm", "lr", "tau", "loss_pre", "loss_init", "loss_post")
@@ -217,23 +216,8 @@ def build_tables(
     return token_df, mb_df
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Write through ``write(tmp_path)`` to a temporary file next to ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _atomic_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def minibatch_path(table_path: str | Path) -> Path:
@@ -245,9 +229,9 @@ def minibatch_path(table_path: str | Path) -> Path:
 def write_tables(token_df: pd.DataFrame, minibatch_df: pd.DataFrame | None, path: str | Path) -> Path:
     """Write the token table to ``path`` and the mini-batch table beside it (:func:`minibatch_path`), atomically."""
     path = Path(path)
-    _atomic_write(path, lambda tmp: token_df.to_parquet(tmp, index=False))
+    atomic_write(path, lambda tmp: token_df.to_parquet(tmp, index=False))
     if minibatch_df is not None:
-        _atomic_write(minibatch_path(path), lambda tmp: minibatch_df.to_parquet(tmp, index=False))
+        atomic_write(minibatch_path(path), lambda tmp: minibatch_df.to_parquet(tmp, index=False))
     return path
 
 
@@ -633,7 +617,7 @@ def plot_layer_time_heatmap(
         fig.colorbar(image, ax=ax, label=cbar_label, pad=0.01)
     axes[-1].set_xlabel(what)
     fig.suptitle(f"Plasticity {_label(metric)}: layer × {what}")
-    return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def bucket_summary(
@@ -681,7 +665,7 @@ def plot_bucket_bars(summary: pd.DataFrame, path: str | Path, metric: str = "gra
     ax.set_title(f"Plasticity {_label(metric)} by token bucket\n(mean over heads; error bars: 95% bootstrap CI)")
     ax.legend(fontsize=8, frameon=False)
     ax.grid(axis="y", alpha=0.3)
-    return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 # ------------------------------------------------------------------------------------------------ telemetry
@@ -753,7 +737,7 @@ def analyse(
     paths = {"heatmap": plot_layer_time_heatmap(token_df, out / f"heatmap_{metric}.png", metric)}
     summary = bucket_summary(token_df, metric, n_resamples=n_resamples, seed=seed)
     paths["buckets"] = plot_bucket_bars(summary, out / f"buckets_{metric}.png", metric)
-    paths["buckets_csv"] = _atomic_write(out / f"buckets_{metric}.csv", lambda tmp: summary.to_csv(tmp, index=False))
+    paths["buckets_csv"] = atomic_write(out / f"buckets_{metric}.csv", lambda tmp: summary.to_csv(tmp, index=False))
     rep = report(token_df, metric, long_range, alpha)
     paths["report_json"] = _atomic_text(out / "report.json", json.dumps(rep, indent=2, allow_nan=False) + "\n")
     paths["report_md"] = _atomic_text(out / "report.md", report_markdown(rep))
