@@ -69,6 +69,12 @@ def _smoke_overrides(config: Path, tmp_path: Path) -> list[str]:
         return ["--data.init_args.batch_size", "32", "--data.init_args.num_workers", "0"]
     if config.name in ("tlora_adapters.yaml", "tlora_router.yaml"):
         return ["--model.init_args.init_from", "null"]  # no earlier stage here: random backbone (the module warns)
+    if config.name == "emma_listops_512.yaml":  # LRA-size generation takes minutes; the wiring is the same
+        return ["--data.init_args.train_size", "16", "--data.init_args.val_size", "4", "--data.init_args.test_size",
+                "4", "--data.init_args.min_length", "20", "--data.init_args.max_length", "100",
+                "--data.init_args.cache_dir", str(tmp_path / "listops")]  # fmt: skip
+    if config.name in ("emma_needle_768.yaml", "emma_needle_1024.yaml"):
+        return ["--data.init_args.batch_size", "2"]
     if config.name == "ttt_quickstart.yaml":
         return ["--model.init_args.config_overrides", TINY_TTT, "--data.init_args.seq_len", "64"]
     return []
@@ -85,7 +91,8 @@ def test_every_config_prints(config: Path, capsys: pytest.CaptureFixture[str]) -
 
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_fragment_composes(fragment: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    base = CONFIGS / ("gemma_tiny.yaml" if fragment.parent.name == "loggers" else f"{fragment.parent.name}.yaml")
+    bases = {"loggers": "gemma_tiny.yaml", "emma_profiles": "emma_needle_256.yaml"}
+    base = CONFIGS / bases.get(fragment.parent.name, f"{fragment.parent.name}.yaml")
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(base), "--config", str(fragment), "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out)["model"]

@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
+from data_modules.listops import ListOpsDataModule
 from src.cli import main
 from src.errors import EngramError
 from src.lightning_modules.emma import EmmaLM
 from src.models.emma import TELEMETRY_KEYS
+from src.telemetry import read_events
 from tests.conftest import CONFIGS
 
 # 3 batches an epoch, 4 epochs; a threshold below any cosine opens the gate after epoch 0, so λ, the freeze,
@@ -75,6 +77,24 @@ def test_gate_resume_matches_uninterrupted_run(run_root: Path) -> None:
             assert frame[f"emma/{key}"].notna().sum() >= 12, key
     assert frame["emma/read_cos_raw"].notna().sum() >= 1
 
+    # The telemetry stream carries the family's telemetry and the gate, not just train/ scalars.
+    streamed = {e["metric"] for e in read_events(straight_dir / "telemetry.jsonl")}
+    assert {"emma/write_cos", "emma/deq_rel_residual", "gate/lambda", "val/acc"} <= streamed
+
+    # per_epoch.csv: one row per finished epoch; its spread of each training scalar is that of the epoch's steps in
+    # metrics.csv (the same values, recorded independently), and the epoch's validation accuracy.
+    table = pd.read_csv(straight_dir / "per_epoch.csv")
+    assert table["epoch"].tolist() == list(range(len(table))) and len(table) >= 3
+    for _, row in table.iterrows():
+        steps = frame[(frame["epoch"] == row["epoch"]) & frame["emma/write_cos"].notna()]
+        assert len(steps) == 3
+        for stat in ("mean", "min", "max"):
+            assert row[f"emma/write_cos/{stat}"] == pytest.approx(getattr(steps["emma/write_cos"], stat)(), rel=1e-5)
+        assert row["emma/write_cos/std"] == pytest.approx(steps["emma/write_cos"].std(ddof=0), rel=1e-3, abs=1e-7)
+        assert row["gate/lambda/mean"] == pytest.approx(steps["gate/lambda_step"].mean(), abs=1e-7)
+        val = frame[(frame["epoch"] == row["epoch"]) & frame["val/acc"].notna()]["val/acc"]
+        assert row["val/acc"] == pytest.approx(val.iloc[-1])
+
     # Resume mid-schedule from step 4: gate open, λ frozen, LR restart running, inside epoch 1.
     (mid,) = (straight_dir / "checkpoints").glob("*step=4.ckpt")
     main(["fit", *ARGS, "--run.root", str(run_root), "--run.name", "resumed", "--ckpt_path", str(mid)])
@@ -86,6 +106,29 @@ def test_gate_resume_matches_uninterrupted_run(run_root: Path) -> None:
         assert _step_log(resumed_dir, column).loc[4:].equals(_step_log(straight_dir, column).loc[4:]), column
     for name, tensor in straight["state_dict"].items():
         assert torch.equal(tensor, resumed["state_dict"][name]), name
+    # the resumed run's per-epoch table (rows and the interrupted epoch's sums come from the checkpoint) is the same
+    resumed_table = pd.read_csv(resumed_dir / "per_epoch.csv").drop(columns="epoch_seconds")
+    pd.testing.assert_frame_equal(resumed_table, table.drop(columns="epoch_seconds"), rtol=1e-9)
+
+
+def test_listops_classifies_without_seeing_the_answer(tmp_path: Path) -> None:
+    """ListOps ends in "= answer"; EMMA classifies at "=", so changing the answer token changes nothing."""
+    dm = ListOpsDataModule(seq_len=64, min_length=10, max_length=60, train_size=4, val_size=4, test_size=4,
+                           cache_dir=str(tmp_path))  # fmt: skip
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    torch.manual_seed(0)
+    module = EmmaLM(vocab_size=dm.vocab_size, preset="listops-lite", task="listops",
+                    config_overrides={"d_model": 16, "d_mem": 32})  # fmt: skip
+    module.eval()
+    wrong = dict(batch, input_ids=batch["input_ids"].clone())
+    answer = batch["input_ids"][:, -1] - ord("0")
+    wrong["input_ids"][:, -1] = ord("0") + (answer + 1) % 10
+    with torch.no_grad():
+        out, loss = module._forward(batch, training=False)
+        out_wrong, loss_wrong = module._forward(wrong, training=False)
+    assert out.logits.shape == (4, 10)
+    assert torch.equal(out.logits, out_wrong.logits) and torch.equal(loss, loss_wrong)
 
 
 def test_bad_task_names_the_value() -> None:

@@ -52,6 +52,9 @@ def test_classify_reads_at_last_real_token() -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(padded, mask).logits, model(ids).logits, atol=1e-5, rtol=0)
+        # nor does left padding (ListOps): the read is at the last real token, not at mask.sum() - 1
+        left = torch.cat([torch.zeros(2, 5, dtype=torch.long), ids], dim=1)
+        torch.testing.assert_close(model(left, mask.flip(1)).logits, model(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_logits_are_causal() -> None:

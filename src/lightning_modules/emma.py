@@ -74,7 +74,9 @@ class EmmaLM(EngramModule):
             targets = needle_read_targets(input_ids, batch["answer_start"], batch["answer_end"])
             mask = None
         else:
+            # ListOps ends in "= answer": classify at "=", never showing the model the answer token itself.
             targets, mask = batch["label"], batch.get("attention_mask")
+            input_ids, mask = input_ids[:, :-1], mask[:, :-1] if mask is not None else None
         out = self.model(
             input_ids,
             mask,

@@ -85,6 +85,9 @@ class EmmaConfig:
     d_mem: int = 256
     key_window: int = 2  # keys and queries read this many consecutive states (ending at the key's position)
     unitary_keys: bool = True  # project keys and queries to |F(k)| = 1 (exact single-pair recall)
+    # one head for write keys and read queries: a query whose window repeats the write's context recalls its value
+    # from the first step, instead of two heads having to learn to agree first
+    share_query_key: bool = False
     write_strength: float = 1.0  # β, multiplies the learned per-position write gate
     decay: float = 1.0  # α, applied to the trace before every write
     renorm: Literal["write", "unit", "clip", "none"] = "write"
@@ -136,11 +139,13 @@ class EmmaConfig:
 
 PRESETS: dict[str, EmmaConfig] = {
     # unit tests: seconds on one CPU core
-    "needle-tiny": EmmaConfig(name="needle-tiny", d_model=32, d_mem=64, conv_kernel=3, deq=DEQSettings(max_iter=20)),
+    "needle-tiny": EmmaConfig(
+        name="needle-tiny", d_model=32, d_mem=64, conv_kernel=3, share_query_key=True, deq=DEQSettings(max_iter=20)
+    ),
     # needle retrieval. Writes become sparse (one per needle), so d_mem bounds the number of needles, not L:
-    # read cos ≈ 1/√(k+1) for k stored pairs. needle-small learns L=256 with 4 needles on CPU in minutes.
-    "needle-small": EmmaConfig(name="needle-small", d_model=64, d_mem=256),
-    "needle-base": EmmaConfig(name="needle-base", d_model=96, d_mem=512),
+    # read cos ≈ 1/√k for k stored pairs (unitary keys). needle-small learns L=256 with 4 needles on CPU in minutes.
+    "needle-small": EmmaConfig(name="needle-small", d_model=64, d_mem=256, share_query_key=True),
+    "needle-base": EmmaConfig(name="needle-base", d_model=96, d_mem=512, share_query_key=True),
     # ListOps-lite (LRA grammar, 256 < len < 1024): one read at the last token, 10 classes
     "listops-lite": EmmaConfig(
         name="listops-lite", task="classify", vocab_size=18, n_classes=10, d_model=96, d_mem=256, conv_kernel=4
@@ -221,7 +226,8 @@ class EmmaModel(nn.Module):
         self.inject = nn.Linear(c.d_model, c.d_model)
         self.cell = DEQCell(c.d_model, c.conv_kernel, c.contraction, c.spectral_power_iters)
         self.key = sn(nn.Linear(c.key_window * c.d_model, c.d_mem, bias=False))
-        self.query = sn(nn.Linear(c.key_window * c.d_model, c.d_mem, bias=False))
+        if not c.share_query_key:
+            self.query = sn(nn.Linear(c.key_window * c.d_model, c.d_mem, bias=False))
         self.value = sn(nn.Linear(c.d_model, c.d_mem, bias=False))
         self.write_gate = nn.Linear(c.d_model, 1)
         if c.task == "classify":  # a fixed random codebook: nearly orthogonal labels the reads cannot drag together
@@ -324,10 +330,12 @@ class EmmaModel(nn.Module):
             f = self.cell.bind_inputs(injection, mask)
             z, stats = deq_fixed_point(f, torch.zeros_like(injection), c.deq)
             windows = self._window(z)
-            keys, queries, values = self.key(windows), self.query(windows), self.value(z)
+            keys, values = self.key(windows), self.value(z)
+            queries = keys if c.share_query_key else self.query(windows)
             protos = self.value_prototypes()
 
-        keys, queries, values = self._keys(keys), self._keys(queries), F.normalize(values.float(), dim=-1)
+        keys, values = self._keys(keys), F.normalize(values.float(), dim=-1)
+        queries = keys if c.share_query_key else self._keys(queries)
         prev_mask = F.pad(mask[:, :-1], (1, 0))  # position t writes key_{t-1}: needs a real token before it
         gate = torch.sigmoid(self.write_gate(z).squeeze(-1).float())
         beta = c.write_strength * gate * mask * prev_mask
@@ -341,7 +349,9 @@ class EmmaModel(nn.Module):
             flat_targets = read_targets.reshape(-1) if read_targets is not None else None
             flat_reads = reads.reshape(-1, c.d_mem)
         else:
-            last = (mask.sum(dim=1).long() - 1).clamp_min(0)
+            # the last real token, wherever the padding is (ListOps pads on the left, other data on the right)
+            positions = torch.arange(seq_len, device=input_ids.device)
+            last = torch.where(mask > 0, positions, -1).amax(dim=1).clamp_min(0)
             rows = torch.arange(bsz, device=input_ids.device)
             reads, states = hrr.unbind(traces[rows, last], queries[rows, last]), z[rows, last]  # [B, d], [B, D]
             flat_targets, flat_reads = read_targets, reads
