@@ -135,9 +135,25 @@ def test_every_parameter_gets_gradient(grad: str) -> None:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
+def test_equilibrium_is_solved_in_float32_under_autocast() -> None:
+    """Under bf16 autocast the solve still converges to the float32 tolerance and matches the float32 forward;
+    only the output head runs in bf16."""
+    model = tiny()
+    model.eval()
+    ids, targets = batch()
+    with torch.no_grad():
+        reference = model(ids, read_targets=targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(ids, read_targets=targets)
+    assert mixed.telemetry["deq_rel_residual_max"] < model.config.deq.tol
+    assert mixed.telemetry["deq_iterations"] == reference.telemetry["deq_iterations"]
+    torch.testing.assert_close(mixed.reads, reference.reads)
+    torch.testing.assert_close(mixed.logits.float(), reference.logits, atol=0.1, rtol=0.05)
+
+
 def test_write_disabled_stops_gradient_to_write_path_only() -> None:
     ids, targets = batch()
-    enabled, disabled = tiny(), tiny()
+    enabled, disabled = tiny(share_query_key=False), tiny(share_query_key=False)  # a shared head also reads
     for model, write in ((enabled, True), (disabled, False)):
         out = model(ids, read_targets=targets, write_enabled=write)
         model.infonce_loss(out).backward()

@@ -26,7 +26,8 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _no_autocast(device: torch.device) -> torch.autocast:
+def no_autocast(device: torch.device) -> torch.autocast:
+    """A context that switches autocast off on ``device`` (HRR and equilibrium maths run in float32)."""
     return torch.autocast(device_type=device.type, enabled=False)
 
 
@@ -68,13 +69,13 @@ class _IRFFT(torch.autograd.Function):
 
 def rfft(x: Tensor) -> Tensor:
     """Half spectrum of real ``x`` over the last dim, in float32 (float64 stays float64), autocast off."""
-    with _no_autocast(x.device):
+    with no_autocast(x.device):
         return _RFFT.apply(x.to(_compute_dtype(x)))
 
 
 def irfft(spectrum: Tensor, d: int) -> Tensor:
     """Real signal of length ``d`` from a half spectrum (inverse of ``rfft``), autocast off."""
-    with _no_autocast(spectrum.device):
+    with no_autocast(spectrum.device):
         return _IRFFT.apply(spectrum, d)
 
 

@@ -322,22 +322,23 @@ class EmmaModel(nn.Module):
                 f"EMMA needs at least 2 tokens per sequence, got input_ids of shape {tuple(input_ids.shape)}."
             )
         mask = torch.ones_like(input_ids, dtype=torch.float32) if attention_mask is None else attention_mask.float()
-        injection = self.inject(self.embed(input_ids))
-
+        # The encoder and the memory heads run in float32 even under autocast: a bf16 map carries ~1e-2 relative
+        # noise, so the solver could never reach its 1e-3 residual (it would run max_iter every forward).
         # Every spectral-normed weight is computed once per forward (one power-iteration update in training);
         # the cache also makes the value head used for values and prototypes the same tensor.
-        with parametrize.cached():
+        with hrr.no_autocast(input_ids.device), parametrize.cached():
+            injection = self.inject(self.embed(input_ids))
             f = self.cell.bind_inputs(injection, mask)
             z, stats = deq_fixed_point(f, torch.zeros_like(injection), c.deq)
             windows = self._window(z)
             keys, values = self.key(windows), self.value(z)
             queries = keys if c.share_query_key else self.query(windows)
             protos = self.value_prototypes()
+            gate = torch.sigmoid(self.write_gate(z).squeeze(-1))
 
         keys, values = self._keys(keys), F.normalize(values.float(), dim=-1)
         queries = keys if c.share_query_key else self._keys(queries)
         prev_mask = F.pad(mask[:, :-1], (1, 0))  # position t writes key_{t-1}: needs a real token before it
-        gate = torch.sigmoid(self.write_gate(z).squeeze(-1).float())
         beta = c.write_strength * gate * mask * prev_mask
         write_keys = F.pad(keys[:, :-1], (0, 0, 1, 0))
         if not write_enabled:
