@@ -3,8 +3,9 @@
 ``metrics.csv`` holds every logged value at every step; this table is the one a researcher reads first. For every
 scalar the module (and its callbacks) logged each training step, it keeps the epoch's spread, not just a mean:
 ``<name>/mean``, ``<name>/std``, ``<name>/min``, ``<name>/max`` over the epoch's batches (e.g. how far the read
-cosine of an EMMA run scatters while its gate opens). Then the epoch's validation scalars as last logged
-(``val/...``), the epoch, the step and the wall time.
+cosine of an EMMA run scatters while its gate opens). Scalars logged once at the epoch's end by callbacks
+listed before this one (the InfoNCE gate's ``gate/read_cos_ema``, ``gate/open_fraction``) keep their name. Then
+the epoch's validation scalars as last logged (``val/...``), the epoch, the step and the wall time.
 
 The statistics are accumulated as tensors on the metric's device and read once per epoch (no per-step host
 sync). Only global rank 0 writes; the file is rewritten atomically each epoch (temp file + rename), so a killed run
@@ -22,7 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from callbacks.telemetry import eval_scalars, step_scalars
+from callbacks.telemetry import logged_scalars, step_scalars
 from src.atomic import atomic_write
 
 EPOCH_CSV_FILENAME = "per_epoch.csv"
@@ -70,13 +71,22 @@ class EpochCSVCallback(pl.Callback):
         self.filename = filename
         self.rows: list[dict[str, float]] = []
         self._spreads: dict[str, _Spread] = {}
+        self._before: dict[str, Any] = {}
         self._start = time.monotonic()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.monotonic()
+        # Lightning keeps a value logged once (at an epoch end, say) in callback_metrics until it is logged again;
+        # what is still the very same tensor later was not logged in this epoch.
+        self._before = dict(trainer.callback_metrics)
+
+    def _fresh(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+        """Training scalars logged since this epoch started."""
+        metrics = trainer.callback_metrics
+        return step_scalars({name: v for name, v in metrics.items() if v is not self._before.get(name)})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
-        for name, value in step_scalars(trainer.callback_metrics).items():
+        for name, value in self._fresh(trainer).items():
             spread = self._spreads.get(name)
             if spread is None:
                 self._spreads[name] = _Spread(value)
@@ -89,8 +99,10 @@ class EpochCSVCallback(pl.Callback):
         row: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         for name, spread in sorted(self._spreads.items()):
             row.update({f"{name}/{stat}": value for stat, value in spread.summary().items()})
+        # values logged once at this epoch's end (by callbacks that run before this one), e.g. gate/read_cos_ema
+        row.update({name: v.item() for name, v in sorted(self._fresh(trainer).items()) if name not in self._spreads})
         row.update(
-            {name: value.item() for name, value in sorted(eval_scalars(trainer.callback_metrics, "val/").items())}
+            {name: value.item() for name, value in sorted(logged_scalars(trainer.callback_metrics, "val/").items())}
         )
         row["epoch_seconds"] = time.monotonic() - self._start
         self.rows.append(row)

@@ -40,8 +40,8 @@ def step_scalars(metrics: dict[str, object]) -> dict[str, torch.Tensor]:
     return out
 
 
-def eval_scalars(metrics: dict[str, object], prefix: str) -> dict[str, torch.Tensor]:
-    """The scalars under ``prefix`` (``val/``, ``test/``) in ``trainer.callback_metrics``."""
+def logged_scalars(metrics: dict[str, object], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The scalars under ``prefix`` (``val/``, ``test/``; all by default) in ``trainer.callback_metrics``."""
     return {
         name: value
         for name, value in metrics.items()
@@ -97,10 +97,10 @@ class TelemetryCallback(pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self.emit_rows(trainer, pl_module, _rows(eval_scalars(trainer.callback_metrics, "val/")))
+            self.emit_rows(trainer, pl_module, _rows(logged_scalars(trainer.callback_metrics, "val/")))
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.emit_rows(trainer, pl_module, _rows(eval_scalars(trainer.callback_metrics, "test/")))
+        self.emit_rows(trainer, pl_module, _rows(logged_scalars(trainer.callback_metrics, "test/")))
 
 
 def telemetry_of(trainer: pl.Trainer) -> TelemetryCallback | None:

@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 import yaml
 
 from callbacks.cap_gauge import CapGauge, CapMeasurement
-from callbacks.telemetry import _scalars, telemetry_of
+from callbacks.telemetry import logged_scalars, telemetry_of
 from src.errors import EngramError
 from src.frozen import CHECKPOINT_NAME, remove_stale, staged_freeze
 
@@ -49,7 +49,7 @@ def token_checkpoints(folder: str | Path) -> list[Path]:
 
 def _metrics_now(trainer: pl.Trainer) -> dict[str, float]:
     """The logged scalars and the Cap-Gauge's latest measurement, for a frozen checkpoint's manifest."""
-    metrics = {name: value for name, value, *_ in _scalars(trainer.callback_metrics)}
+    metrics = {name: value.item() for name, value in logged_scalars(trainer.callback_metrics).items()}
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, CapGauge) and callback.history:
             metrics.update(callback.history[-1].metrics())

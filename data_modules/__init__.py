@@ -12,8 +12,8 @@ __all__ = [
     "EngramDataModule",
     "ListOpsDataModule",
     "NeedleDataModule",
-    "TokenNeedleDataModule",
     "PG19DataModule",
     "SlimPileDataModule",
+    "TokenNeedleDataModule",
     "TokenWindows",
 ]

@@ -137,6 +137,17 @@ class NeedleHaystack(Dataset):
         )
 
 
+def check_layout(depth: float | None, loss_on: str, sizes: tuple[int, int, int]) -> None:
+    """The settings both needle modules share, checked with errors that name the value and the fix."""
+    if depth is not None and not 0 <= depth <= 1:
+        raise EngramError(f"depth={depth} must be in [0, 1] (share of the haystack), or null for random.")
+    if loss_on not in LOSS_ON:
+        raise EngramError(f"loss_on={loss_on!r} is unknown; use one of {', '.join(LOSS_ON)}.")
+    if min(sizes) < 1:
+        train, val, test = sizes
+        raise EngramError(f"train_size/val_size/test_size = {train}/{val}/{test}: all must be >= 1.")
+
+
 def assemble_example(
     rng: np.random.Generator,
     seq_len: int,
@@ -248,16 +259,11 @@ class NeedleDataModule(EngramDataModule):
                 f"num_needles={num_needles}, distractors={distractors}: need num_needles >= 1, distractors >= 0 "
                 f"and at most {NUM_KEYS} keys in all."
             )
-        if depth is not None and not 0 <= depth <= 1:
-            raise EngramError(f"depth={depth} must be in [0, 1] (share of the haystack), or null for random.")
         if haystack not in HAYSTACKS:
             raise EngramError(f"haystack={haystack!r} is unknown; use one of {', '.join(HAYSTACKS)}.")
-        if loss_on not in LOSS_ON:
-            raise EngramError(f"loss_on={loss_on!r} is unknown; use one of {', '.join(LOSS_ON)}.")
         if corpus_source not in SOURCES:
             raise EngramError(f"corpus_source={corpus_source!r} is unknown; use one of {', '.join(SOURCES)}.")
-        if min(train_size, val_size, test_size) < 1:
-            raise EngramError(f"train_size/val_size/test_size = {train_size}/{val_size}/{test_size}: all must be >= 1.")
+        check_layout(depth, loss_on, (train_size, val_size, test_size))
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.num_needles = num_needles
         self.distractors = distractors
@@ -394,12 +400,7 @@ class TokenNeedleDataModule(EngramDataModule):
                 f"num_filler={num_filler}: need num_needles >= 1, distractors >= 0, num_needles + distractors <= "
                 "min(num_keys, num_values) (keys and values are distinct within an example) and num_filler >= 1."
             )
-        if depth is not None and not 0 <= depth <= 1:
-            raise EngramError(f"depth={depth} must be in [0, 1] (share of the haystack), or null for random.")
-        if loss_on not in LOSS_ON:
-            raise EngramError(f"loss_on={loss_on!r} is unknown; use one of {', '.join(LOSS_ON)}.")
-        if min(train_size, val_size, test_size) < 1:
-            raise EngramError(f"train_size/val_size/test_size = {train_size}/{val_size}/{test_size}: all must be >= 1.")
+        check_layout(depth, loss_on, (train_size, val_size, test_size))
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.num_needles, self.distractors, self.depth, self.loss_on = num_needles, distractors, depth, loss_on
         self.num_keys, self.num_values, self.num_filler = num_keys, num_values, num_filler

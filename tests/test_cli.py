@@ -70,8 +70,9 @@ def _smoke_overrides(config: Path, tmp_path: Path) -> list[str]:
     if config.name in ("tlora_adapters.yaml", "tlora_router.yaml"):
         return ["--model.init_args.init_from", "null"]  # no earlier stage here: random backbone (the module warns)
     if config.name == "emma_listops_512.yaml":  # LRA-size generation takes minutes; the wiring is the same
-        return ["--data.init_args.train_size", "16", "--data.init_args.val_size", "4", "--data.init_args.test_size",
-                "4", "--data.init_args.min_length", "20", "--data.init_args.max_length", "100",
+        return ["--data.init_args.train_size", "16", "--data.init_args.batch_size", "4",
+                "--data.init_args.val_size", "4", "--data.init_args.test_size", "4",
+                "--data.init_args.min_length", "20", "--data.init_args.max_length", "100",
                 "--data.init_args.cache_dir", str(tmp_path / "listops")]  # fmt: skip
     if config.name in ("emma_needle_768.yaml", "emma_needle_1024.yaml"):
         return ["--data.init_args.batch_size", "2"]

@@ -92,6 +92,10 @@ def test_gate_resume_matches_uninterrupted_run(run_root: Path) -> None:
             assert row[f"emma/write_cos/{stat}"] == pytest.approx(getattr(steps["emma/write_cos"], stat)(), rel=1e-5)
         assert row["emma/write_cos/std"] == pytest.approx(steps["emma/write_cos"].std(ddof=0), rel=1e-3, abs=1e-7)
         assert row["gate/lambda/mean"] == pytest.approx(steps["gate/lambda_step"].mean(), abs=1e-7)
+        # epoch-end values are this epoch's, not carried over as a per-step spread
+        assert "gate/read_cos_ema/mean" not in table.columns
+        ema = frame[(frame["epoch"] == row["epoch"]) & frame["gate/read_cos_ema"].notna()]["gate/read_cos_ema"]
+        assert row["gate/read_cos_ema"] == pytest.approx(ema.iloc[-1])
         val = frame[(frame["epoch"] == row["epoch"]) & frame["val/acc"].notna()]["val/acc"]
         assert row["val/acc"] == pytest.approx(val.iloc[-1])
 
