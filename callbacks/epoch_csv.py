@@ -10,7 +10,9 @@ the epoch's validation scalars as last logged (``val/...``), the epoch, the step
 The statistics are accumulated as tensors on the metric's device and read once per epoch (no per-step host
 sync). Only global rank 0 writes; the file is rewritten atomically each epoch (temp file + rename), so a killed run
 never leaves a torn table. Rows and the running epoch's sums are part of the checkpoint, so a resumed run (in
-place or into a new directory) writes the same table an uninterrupted one would.
+place or into a new directory) writes the same table an uninterrupted one would; except that after a resume from a
+checkpoint of an epoch's last batch, whose epoch end Lightning does not run again, that epoch's row lacks the
+values only that epoch end logs (its validation, a gate's EMA) and its wall time.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class EpochCSVCallback(pl.Callback):
         self.filename = filename
         self.rows: list[dict[str, float]] = []
         self._spreads: dict[str, _Spread] = {}
+        self._spreads_epoch = 0  # the epoch the running sums belong to
         self._before: dict[str, Any] = {}
         self._start = time.monotonic()
 
@@ -85,7 +88,14 @@ class EpochCSVCallback(pl.Callback):
         metrics = trainer.callback_metrics
         return step_scalars({name: v for name, v in metrics.items() if v is not self._before.get(name)})
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if self._spreads and self._spreads_epoch < trainer.current_epoch:
+            # Resumed from a checkpoint of an epoch's last batch: Lightning runs neither that epoch's end nor the
+            # next epoch's start, so close the pending epoch here.
+            self._add_row(trainer, self._spreads_epoch)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self._spreads_epoch = trainer.current_epoch
         for name, value in self._fresh(trainer).items():
             spread = self._spreads.get(name)
             if spread is None:
@@ -94,9 +104,11 @@ class EpochCSVCallback(pl.Callback):
                 spread.add(value)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if any(row["epoch"] == trainer.current_epoch for row in self.rows):
-            return  # a resumed run re-enters an epoch end its checkpoint already recorded
-        row: dict[str, float] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        if not any(row["epoch"] == trainer.current_epoch for row in self.rows):  # not yet recorded (resume)
+            self._add_row(trainer, trainer.current_epoch)
+
+    def _add_row(self, trainer: pl.Trainer, epoch: int) -> None:
+        row: dict[str, float] = {"epoch": epoch, "step": trainer.global_step}
         for name, spread in sorted(self._spreads.items()):
             row.update({f"{name}/{stat}": value for stat, value in spread.summary().items()})
         # values logged once at this epoch's end (by callbacks that run before this one), e.g. gate/read_cos_ema
@@ -104,7 +116,8 @@ class EpochCSVCallback(pl.Callback):
         row.update(
             {name: value.item() for name, value in sorted(logged_scalars(trainer.callback_metrics, "val/").items())}
         )
-        row["epoch_seconds"] = time.monotonic() - self._start
+        # an epoch closed late (after a resume) has no wall time of its own
+        row["epoch_seconds"] = time.monotonic() - self._start if epoch == trainer.current_epoch else float("nan")
         self.rows.append(row)
         self._spreads = {}
         if trainer.is_global_zero:
@@ -126,8 +139,10 @@ class EpochCSVCallback(pl.Callback):
         atomic_write(path, write_csv)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "spreads": {name: s.state() for name, s in self._spreads.items()}}
+        spreads = {name: s.state() for name, s in self._spreads.items()}
+        return {"rows": self.rows, "spreads": spreads, "spreads_epoch": self._spreads_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = list(state_dict["rows"])
         self._spreads = {name: _Spread.from_state(s) for name, s in state_dict["spreads"].items()}
+        self._spreads_epoch = int(state_dict["spreads_epoch"])

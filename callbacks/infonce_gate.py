@@ -48,7 +48,9 @@ Interface with the LightningModule (nothing else is touched):
 Resuming: the batch sums of the running epoch are part of the state. A checkpoint written at
 ``on_validation_end`` (what ``ModelCheckpoint`` does whenever validation does not run exactly once per epoch)
 precedes ``on_train_epoch_end``; Lightning re-runs that epoch end on resume and the stored sums make it
-identical. One written after ``on_train_epoch_end`` already holds the update, which is then not repeated.
+identical. One written after ``on_train_epoch_end`` already holds the update, which is then not repeated. One
+written at the epoch's last ``on_train_batch_end`` (``every_n_train_steps`` landing on an epoch boundary) resumes
+straight into the next epoch without that epoch end; the next batch start applies the pending update first.
 """
 
 from __future__ import annotations
@@ -288,6 +290,10 @@ class InfoNCEGateCallback(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        # Resumed past an epoch end that never ran (Lightning calls neither that epoch end nor the next epoch's
+        # start after a checkpoint from an epoch's last batch): apply it before this batch uses the schedule.
+        while self.schedule.epochs_done < trainer.current_epoch:
+            self.schedule.end_epoch()
         self._push(pl_module)
 
     def on_train_batch_end(

@@ -43,6 +43,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = 0
         self.yielded = 0  # indices handed out in the current epoch
         self._skip = 0
+        self._skip_epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -55,6 +56,7 @@ class EpochShuffleSampler(Sampler[int]):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = int(state["epoch"])
         self._skip = int(state["yielded"])
+        self._skip_epoch = self.epoch
 
     def __len__(self) -> int:
         return self.size
@@ -62,7 +64,10 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self):  # type: ignore[no-untyped-def]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
-        self.yielded, self._skip = self._skip, 0
+        # The skip belongs to the epoch it was saved in. A checkpoint from an epoch's last batch resumes straight
+        # into the next epoch (set_epoch comes first), which must start from its beginning.
+        self.yielded = self._skip if self.epoch == self._skip_epoch else 0
+        self._skip = 0
         for index in order[self.yielded :]:
             self.yielded += 1
             yield index

@@ -43,8 +43,13 @@ ACROSS_EPOCHS = [
 
 @pytest.mark.parametrize(
     ("extra", "kill_at", "resume_from", "final"),
-    [([], 6, 4, 12), (ACROSS_EPOCHS, 10, 8, 16)],
-    ids=["mid-epoch", "second-epoch"],
+    [
+        ([], 6, 4, 12),
+        (ACROSS_EPOCHS, 10, 8, 16),
+        # the checkpoint is the last batch of epoch 0: the resumed run must start epoch 1 from its first batch
+        ([*ACROSS_EPOCHS, "--checkpoint.every_n_train_steps", "6"], 8, 6, 16),
+    ],
+    ids=["mid-epoch", "second-epoch", "epoch-end"],
 )
 def test_killed_run_resumes_exactly(
     run_root: Path, extra: list[str], kill_at: int, resume_from: int, final: int
