@@ -147,6 +147,12 @@ class EngramDataModule(pl.LightningDataModule):
     def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return {key: torch.stack([ex[key] for ex in examples]) for key in examples[0]}
 
+    def loader_generator(self) -> torch.Generator:
+        """A generator of the loader's own. Every new data iterator draws a worker base seed, from the global torch
+        RNG unless the loader has a generator: then validating or starting an epoch would shift the dropout masks of
+        every later step, and a run resumed from a checkpoint taken just before either would diverge."""
+        return torch.Generator().manual_seed(self.seed)
+
     def _loader(self, split: str, shuffle: bool) -> StatefulDataLoader:
         if split not in self.datasets:
             self.setup(None)
@@ -159,6 +165,7 @@ class EngramDataModule(pl.LightningDataModule):
             collate_fn=self.collate,
             num_workers=self.num_workers,
             drop_last=shuffle,
+            generator=self.loader_generator(),
         )
 
     def train_dataloader(self) -> StatefulDataLoader:

@@ -255,6 +255,7 @@ class TextCorpusDataModule(EngramDataModule):
             collate_fn=self.collate,
             num_workers=self.num_workers,
             drop_last=shuffle,
+            generator=self.loader_generator(),
         )
 
     # --- streaming ----------------------------------------------------------------------------------
