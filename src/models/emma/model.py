@@ -6,9 +6,9 @@ Data flow for a batch ``input_ids [B, T]`` (``D = d_model``, ``d = d_mem``):
    z* = f(z*) of ``DEQCell`` (a causal convolution + tanh, contractive by construction), found by
    ``deq.deq_fixed_point`` with Anderson or plain iteration and differentiated implicitly or by phantom steps.
 2. Writes. Position t writes ``β_t · key_{t-1} ⊛ value_t`` with β_t = ``write_strength`` · sigmoid(gate(z*_t)).
-   Keys and queries are spectral-normed heads on a causal window of ``key_window`` states; the write key comes
-   from the window ending *before* the value, so a later query whose window holds the same context recalls the
-   token that followed it (associative recall). Values are the spectral-normed value head on z*_t. The trace
+   Keys and queries are spectral-normed heads on a causal window of ``key_window`` states (one shared head with
+   ``share_query_key``, as the needle presets do); the write key comes from the window ending *before* the value,
+   so a later query whose window holds the same context recalls the token that followed it (associative recall). Values are the spectral-normed value head on z*_t. The trace
    follows M_t = α M_{t-1} + write_t with decay α = ``decay``; per-write renormalisation ``renorm``:
    ``write`` (default) rescales every key⊛value pair to unit norm before β weights it; ``unit``/``clip``
    instead renormalise the trace after each write (‖M_t‖ = 1 / ≤ 1), which makes old content fade with every
@@ -146,7 +146,7 @@ PRESETS: dict[str, EmmaConfig] = {
     # read cos ≈ 1/√k for k stored pairs (unitary keys). needle-small learns L=256 with 4 needles on CPU in minutes.
     "needle-small": EmmaConfig(name="needle-small", d_model=64, d_mem=256, share_query_key=True),
     "needle-base": EmmaConfig(name="needle-base", d_model=96, d_mem=512, share_query_key=True),
-    # ListOps-lite (LRA grammar, 256 < len < 1024): one read at the last token, 10 classes
+    # ListOps-lite (LRA grammar): one read at the last real token (EmmaLM passes the expression up to '='), 10 classes
     "listops-lite": EmmaConfig(
         name="listops-lite", task="classify", vocab_size=18, n_classes=10, d_model=96, d_mem=256, conv_kernel=4
     ),
