@@ -16,7 +16,8 @@ Schedule (epoch e counts from 0; a decision taken at the end of epoch e applies 
    ``num_bad_epochs`` grows; a plateau is ``num_bad_epochs > patience``.
 3. The gate opens at the end of the first epoch whose EMA is ≥ ``threshold`` (and, if ``require_plateau``, that is
    on a plateau), or, with ``read_patience`` = n, at the end of the n-th further epoch in a row that is ≥
-   ``threshold`` (reads must be ready, not just touch the threshold once). It stays open. ``open_epoch`` is the first epoch trained with λ > 0. On opening:
+   ``threshold`` (reads must be ready, not just touch the threshold once). It stays open. ``open_epoch`` is the
+   first epoch trained with λ > 0. On opening:
    λ = ``lambda_start``; λ is then held for ``freeze_epochs`` further epochs, after which it grows by
    ``lambda_increment`` per epoch up to ``lambda_max``; the write path is disabled for the next
    ``write_cooldown_batches`` training batches; the learning rate is multiplied by ``lr_scale``, which is

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from torch.utils.data import Dataset
 
 from data_modules.base import SPLITS, EngramDataModule
 from data_modules.tokenizer import Tokenizer
+from src.atomic import atomic_write
 from src.errors import EngramError
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")  # LRA's order (random.choice draws from it)
@@ -145,12 +144,13 @@ def generate_listops(
 
 def write_tsv(path: Path, rows: list[tuple[str, int]]) -> None:
     """LRA's file format, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("Source\tTarget\n")
-        f.writelines(f"{source}\t{target}\n" for source, target in rows)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("Source\tTarget\n")
+            f.writelines(f"{source}\t{target}\n" for source, target in rows)
+
+    atomic_write(path, write)
 
 
 def read_tsv(path: Path) -> list[tuple[str, int]]:

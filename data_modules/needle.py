@@ -23,6 +23,10 @@ Batch keys (``n = num_needles``, queries in the order they appear):
 * ``needle_start`` ``[B, n]``: where each queried needle begins; ``depth`` ``[B, n]`` float: its filler share.
 
 Example ``i`` of split ``s`` is a pure function of ``(seed, s, i)``: any rank or worker can build any example.
+
+``TokenNeedleDataModule`` lays out the same example over a symbol vocabulary (``<key> k <val> v`` needles in
+random filler symbols, ``<query> k <val>`` then the answer ``v``), with the same batch keys: memory without
+reading English.
 """
 
 from __future__ import annotations
