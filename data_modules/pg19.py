@@ -73,13 +73,8 @@ class PG19DataModule(TextCorpusDataModule):
         if self.hub_id is not None:
             docs = load_dataset(self.hub_id, split=HF_SPLIT[split], streaming=True)
             return self._check_schema(docs)
-        hf_split, files = self.split_files(split, (".parquet", ".txt"))
-        parquet = [f for f in files if f.endswith(".parquet")]
-        if parquet:
-            builder, chosen, kwargs = "parquet", parquet, {}
-        else:  # one example per file: a whole book
-            builder, chosen, kwargs = "text", files, {"sample_by": "document"}
-        docs = self.load_files(builder, hf_split, chosen, **kwargs)
+        # Parquet if there is any; else .txt books, one example per file
+        docs = self.load_files(split, (".parquet", ".txt"), "text", sample_by="document")
         return self.restrict_to_split(self._check_schema(docs), split)
 
     def _check_schema(self, docs: Any) -> Any:

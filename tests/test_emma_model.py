@@ -226,3 +226,29 @@ def test_config_presets_and_errors() -> None:
         EmmaConfig.from_name("needle-small", d_modle=3)
     with pytest.raises(EngramError, match="contraction"):
         EmmaConfig(contraction=1.0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"readout_temperature": 0}, "readout_temperature=0 must be > 0."),
+        ({"cleanup_temperature": -0.1}, "cleanup_temperature=-0.1 must be > 0."),
+        ({"decay": 0.0}, "decay=0.0 must be in (0, 1]."),
+        ({"d_mem": 1}, "d_mem=1 must be >= 2."),
+        ({"key_window": 2.5}, "key_window=2.5 must be an integer."),
+        ({"write_strength": "strong"}, "write_strength='strong' must be a number."),
+        ({"unitary_keys": "yes"}, "unitary_keys='yes' must be true or false."),
+        ({"renorm": "l2"}, "renorm='l2' must be one of 'write', 'unit', 'clip', 'none'."),
+        ({"deq": {"max_iter": 0}}, "deq.max_iter=0 must be >= 1."),
+        ({"deq": {"anderson_m": 1}}, "deq.anderson_m=1 must be >= 2."),
+        ({"deq": {"solver": "broyden"}}, "deq.solver='broyden' must be one of 'fixed_point', 'anderson'."),
+        ({"deq": {"maxiter": 5}}, "deq has unknown key(s) ['maxiter']; valid keys: anderson_m,"),
+        ({"readout_temp": 1.0}, "has unknown key(s) ['readout_temp']; valid keys: cleanup,"),
+    ],
+)
+def test_config_overrides_fail_at_once_naming_the_key(overrides, expected) -> None:
+    """Values outside a field's domain fail when the config is built, not as a NaN after a training step."""
+    with pytest.raises(EngramError) as err:
+        EmmaConfig.from_name("needle-tiny", vocab_size=VOCAB, **overrides)  # what EmmaLM does with config_overrides
+    message = str(err.value)
+    assert message.startswith("model.init_args.config_overrides") and expected in message and "\n" not in message

@@ -290,6 +290,21 @@ def test_pretrained_path_and_user_errors(tmp_path) -> None:
         TemporalLoRA(TemporalLoRAConfig.from_name("tiny", adapters=("a", "a")))
     with pytest.raises(EngramError, match="unknown"):
         TemporalLoRAConfig.from_name("huge")
+    overrides = "model.init_args.config_overrides"
+    with pytest.raises(EngramError, match=rf"^{overrides}\.lora_r=0 must be >= 1\.$"):
+        TemporalLoRAConfig.from_name("tiny", lora_r=0)
+    with pytest.raises(EngramError, match=rf"^{overrides}\.lora_dropout=1\.5 must be in \[0, 1\)\.$"):
+        TemporalLoRAConfig.from_name("tiny", lora_dropout=1.5)
+    with pytest.raises(EngramError, match=rf"^{overrides}\.temperature=0 must be > 0\.$"):
+        TemporalLoRAConfig.from_name("tiny", temperature=0)
+    with pytest.raises(EngramError, match=rf"^{overrides}\.routing='both' must be one of 'base_pass', 'inline'\.$"):
+        TemporalLoRAConfig.from_name("tiny", routing="both")
+    with pytest.raises(EngramError, match=rf"^{overrides}: n_embd=30 is not divisible by n_head=4;"):
+        TemporalLoRAConfig.from_name("tiny", n_embd=30, n_head=4)
+    with pytest.raises(EngramError, match=rf"^{overrides} has unknown key\(s\) \['lora_rank'\]; valid keys: adapters,"):
+        TemporalLoRAConfig.from_name("tiny", lora_rank=4)
+    with pytest.raises(EngramError, match=rf"^{overrides}\.target_modules=\['c_attn', 'q_proj'\]: no GPT-2 module"):
+        TemporalLoRA(TemporalLoRAConfig.from_name("tiny", target_modules=("c_attn", "q_proj")))
     with pytest.raises(EngramError, match="adapters on the last axis"):
         tiny()(torch.zeros(1, 4, dtype=torch.long), weights=torch.ones(1, 4, 2) / 2)
 

@@ -225,6 +225,17 @@ def test_config_mistakes_name_the_bad_value() -> None:
         TTTConfig(ttt_layer_type="conv")
     with pytest.raises(EngramError, match="mini_batch"):
         TTTConfig.from_dict({"mini_batch": 8})
+    overrides = "model.init_args.config_overrides"
+    with pytest.raises(EngramError, match=rf"^{overrides}\.mini_batch_size=0 must be >= 1\.$"):
+        TTTConfig.from_name("125m", mini_batch_size=0)
+    with pytest.raises(EngramError, match=rf"^{overrides}\.rms_norm_eps=0 must be > 0\.$"):
+        TTTConfig.from_name("125m", rms_norm_eps=0)
+    with pytest.raises(EngramError, match=rf"^{overrides}\.num_attention_heads='4' must be an integer\.$"):
+        TTTConfig.from_name("125m", num_attention_heads="4")
+    with pytest.raises(EngramError, match=rf"^{overrides}: hidden_size=64 is not divisible by num_attention_heads=5"):
+        TTTConfig.from_name("125m", hidden_size=64, num_attention_heads=5)
+    with pytest.raises(EngramError, match=rf"^{overrides} has unknown key\(s\) \['hiden_size'\]; valid keys: "):
+        TTTConfig.from_name("125m", hiden_size=64)
 
 
 @pytest.mark.parametrize("with_pending", [False, True])

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from src.errors import EngramError
+from src.models.config_checks import OVERRIDES_KEY, check_fields
 
 Map = Callable[[Tensor], Tensor]
 
@@ -125,6 +125,18 @@ def anderson(
 SOLVERS: dict[str, Callable[..., tuple[Tensor, SolverStats]]] = {"fixed_point": fixed_point_iter, "anderson": anderson}
 
 
+# The domain of every numeric setting (the Literal choices are checked from the annotations).
+DEQ_RANGES = {
+    "max_iter": ">= 1",
+    "tol": "> 0",
+    "anderson_m": ">= 2",  # the history holds at least the first two iterates
+    "phantom_steps": ">= 1",
+    "phantom_tau": "in (0, 1]",
+    "backward_max_iter": ">= 1",
+    "backward_tol": "> 0",
+}
+
+
 @dataclass
 class DEQSettings:
     """How to solve and differentiate one equilibrium."""
@@ -140,14 +152,7 @@ class DEQSettings:
     backward_tol: float = 1e-4
 
     def __post_init__(self) -> None:
-        if self.solver not in SOLVERS:
-            raise EngramError(f"DEQ solver={self.solver!r} is unknown; use one of {sorted(SOLVERS)}.")
-        if self.grad not in ("implicit", "phantom"):
-            raise EngramError(f"DEQ grad={self.grad!r} is unknown; use 'implicit' or 'phantom'.")
-        if self.max_iter < 1 or self.phantom_steps < 1:
-            raise EngramError(
-                f"DEQ max_iter={self.max_iter} and phantom_steps={self.phantom_steps} must both be at least 1."
-            )
+        check_fields(self, DEQ_RANGES, f"{OVERRIDES_KEY}.deq")
 
 
 def _solve(f: Map, z0: Tensor, settings: DEQSettings) -> tuple[Tensor, SolverStats]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -45,6 +45,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 from src.errors import EngramError
+from src.models.config_checks import OVERRIDES_KEY, check_fields, check_known
 from src.models.emma import hrr
 from src.models.emma.deq import DEQSettings, SolverStats, deq_fixed_point
 from src.models.emma.losses import info_nce
@@ -99,22 +100,9 @@ class EmmaConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.deq, dict):
+            check_known(DEQSettings, self.deq, f"{OVERRIDES_KEY}.deq")
             self.deq = DEQSettings(**self.deq)
-        if self.task not in ("lm", "classify"):
-            raise EngramError(f"EMMA task={self.task!r} is unknown; use 'lm' (needle) or 'classify' (ListOps).")
-        if not 0.0 < self.contraction < 1.0:
-            raise EngramError(f"contraction={self.contraction} must be in (0, 1) for the DEQ to have a fixed point.")
-        if not 0.0 < self.decay <= 1.0:
-            raise EngramError(f"decay={self.decay} must be in (0, 1]; 1 keeps everything until renormalisation.")
-        if self.renorm not in ("write", "unit", "clip", "none"):
-            raise EngramError(f"renorm={self.renorm!r} is unknown; use 'write', 'unit', 'clip' or 'none'.")
-        if self.cleanup not in ("soft", "hard"):
-            raise EngramError(f"cleanup={self.cleanup!r} is unknown; use 'soft' or 'hard'.")
-        if self.conv_kernel < 1 or self.d_model < 1 or self.d_mem < 2:
-            raise EngramError(
-                f"conv_kernel={self.conv_kernel}, d_model={self.d_model}, d_mem={self.d_mem}: "
-                "use conv_kernel ≥ 1, d_model ≥ 1, d_mem ≥ 2."
-            )
+        check_fields(self, RANGES)
 
     @property
     def n_prototypes(self) -> int:
@@ -125,17 +113,33 @@ class EmmaConfig:
         if name not in PRESETS:
             raise EngramError(f"EMMA preset {name!r} is unknown; choose one of {sorted(PRESETS)}.")
         base = PRESETS[name]
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise EngramError(f"EMMA config has no field(s) {unknown}; valid fields: {sorted(known)}.")
+        check_known(cls, overrides)
         deq = overrides.pop("deq", {})
-        deq = replace(base.deq, **deq) if isinstance(deq, dict) else deq  # a copy: presets stay untouched
+        # deq overrides change single settings of the preset's (and make a copy: presets stay untouched)
+        deq = {**asdict(base.deq), **deq} if isinstance(deq, dict) else deq
         return replace(base, **{"name": name, **overrides, "deq": deq})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+
+# The domain of every numeric field (its type and the Literal choices are checked from the annotations).
+RANGES = {
+    "vocab_size": ">= 1",
+    "n_classes": ">= 1",
+    "d_model": ">= 1",
+    "conv_kernel": ">= 1",
+    "contraction": "in (0, 1)",  # the DEQ has a unique fixed point only for a contraction
+    "spectral_power_iters": ">= 1",
+    "d_mem": ">= 2",
+    "key_window": ">= 1",
+    "write_strength": ">= 0",
+    "decay": "in (0, 1]",  # 1 keeps everything until renormalisation
+    "cleanup_temperature": "> 0",
+    "read_top_k": ">= 0",
+    "readout_temperature": "> 0",
+    "collision_positions": ">= 1",
+}
 
 PRESETS: dict[str, EmmaConfig] = {
     # unit tests: seconds on one CPU core

@@ -25,7 +25,7 @@ Mixing is one forward in both modes (see ``mixing.py``), never one forward per a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -36,6 +36,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from src.errors import EngramError
+from src.models.config_checks import OVERRIDES_KEY, check_fields, check_known
 from src.models.temporal_lora.mixing import AdapterMixer
 from src.models.temporal_lora.router import RouterOutput, TimeMixer
 
@@ -63,14 +64,36 @@ class TemporalLoRAConfig:
     routing: Literal["base_pass", "inline"] = "base_pass"
     temperature: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_fields(self, RANGES)
+        if self.pretrained_path is None and self.n_embd % self.n_head:  # a pretrained backbone brings its own shape
+            raise EngramError(
+                f"{OVERRIDES_KEY}: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; choose sizes that "
+                "give every attention head n_embd // n_head features."
+            )
+
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> TemporalLoRAConfig:
         if name not in PRESETS:
             raise EngramError(f"unknown Temporal LoRA preset {name!r}; choose one of {sorted(PRESETS)}.")
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise EngramError(f"unknown TemporalLoRAConfig fields {sorted(unknown)}.")
+        check_known(cls, overrides)
         return replace(PRESETS[name], **overrides)
+
+
+# The domain of every numeric field (its type and the Literal choices are checked from the annotations).
+RANGES = {
+    "n_layer": ">= 1",
+    "n_head": ">= 1",
+    "n_embd": ">= 1",
+    "n_positions": ">= 1",
+    "vocab_size": ">= 2",  # the last two ids are <bos> and <eos>
+    "lora_r": ">= 1",
+    "lora_alpha": "> 0",
+    "lora_dropout": "in [0, 1)",
+    "router_hidden": ">= 1",
+    "router_window": ">= 1",
+    "temperature": "> 0",
+}
 
 
 PRESETS: dict[str, TemporalLoRAConfig] = {
@@ -122,6 +145,7 @@ class TemporalLoRA(nn.Module):
         self.router_layer = self._resolve_router_layer(config, n_layer)
         self.adapter_names = list(config.adapters)
         self._check_adapter_names(self.adapter_names)
+        self._check_target_modules(config.target_modules, backbone)
 
         lora = LoraConfig(
             r=config.lora_r,
@@ -154,8 +178,6 @@ class TemporalLoRA(nn.Module):
 
     @staticmethod
     def _resolve_router_layer(config: TemporalLoRAConfig, n_layer: int) -> int:
-        if config.routing not in ("base_pass", "inline"):
-            raise EngramError(f"routing={config.routing!r}; use base_pass or inline.")
         layer = config.router_layer % (n_layer + 1) if -(n_layer + 1) <= config.router_layer <= n_layer else None
         if layer is None:
             raise EngramError(f"router_layer={config.router_layer} is out of range; use 0..{n_layer} (or -1 = final).")
@@ -173,6 +195,18 @@ class TemporalLoRA(nn.Module):
         bad = [n for n in names if not n.isidentifier()]
         if bad:
             raise EngramError(f"adapter names {bad} must be identifiers (letters, digits, _): they key peft modules.")
+
+    @staticmethod
+    def _check_target_modules(targets: tuple[str, ...], backbone: GPT2LMHeadModel) -> None:
+        # peft's own error for a name that matches nothing is a traceback from inside get_peft_model; it matches a
+        # name against the end of each module's dotted path, as here.
+        names = [name for name, _ in backbone.named_modules()]
+        missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if missing:
+            raise EngramError(
+                f"{OVERRIDES_KEY}.target_modules={list(targets)}: no GPT-2 module is named {missing}; use some of "
+                "c_attn, c_proj, c_fc (or attn.c_proj / mlp.c_proj for one of the two c_proj)."
+            )
 
     @property
     def gpt2(self) -> GPT2LMHeadModel:

@@ -9,10 +9,11 @@ Transformer backbone; the paper's headline "TTT-Linear (M)" model is the Mamba b
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
 
 from src.errors import EngramError
+from src.models.config_checks import OVERRIDES_KEY, check_fields, check_known
 
 # Sizes of the official presets (ttt.py TTT_STANDARD_CONFIGS; the same numbers as ttt-lm-jax CONFIGS and Table 3 of
 # the paper). "1b" is the model the paper calls 1.3B. Everything else (vocab 32000, mini-batch 16, rope theta 1e4,
@@ -34,6 +35,23 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 OFFICIAL_TTT_BASE_LR: dict[str, float] = {"linear": 1.0, "mlp": 0.1}
 
 
+# The domain of every numeric field (its type and the Literal choices are checked from the annotations).
+RANGES = {
+    "vocab_size": ">= 1",
+    "hidden_size": ">= 1",
+    "intermediate_size": ">= 1",
+    "num_hidden_layers": ">= 1",
+    "num_attention_heads": ">= 1",
+    "initializer_range": ">= 0",
+    "rms_norm_eps": "> 0",
+    "rope_theta": "> 0",
+    "conv_kernel": ">= 1",
+    "ttt_base_lr": ">= 0",  # 0 switches the inner-loop update off (an ablation)
+    "mini_batch_size": ">= 1",
+    "compile_chunk": ">= 1",
+}
+
+
 @dataclass
 class TTTConfig:
     """Hyper-parameters of ``TTTForCausalLM``; defaults are the official ones (the 1.3B "1b" size)."""
@@ -53,7 +71,7 @@ class TTTConfig:
     pre_conv: bool = False
     conv_kernel: int = 4
     # Inner loop.
-    ttt_layer_type: str = "linear"  # "linear" (TTT-Linear) or "mlp" (TTT-MLP)
+    ttt_layer_type: Literal["linear", "mlp"] = "linear"  # TTT-Linear or TTT-MLP
     ttt_base_lr: float = 1.0
     mini_batch_size: int = 16
     # Speed only (no effect on the numbers): run the inner-loop scan as torch.compile'd graphs of ``compile_chunk``
@@ -64,25 +82,22 @@ class TTTConfig:
     compile_mode: str = "default"  # torch.compile mode of those graphs, e.g. "reduce-overhead" (CUDA graphs)
 
     def __post_init__(self) -> None:
-        if self.ttt_layer_type not in ("linear", "mlp"):
-            raise EngramError(f"ttt_layer_type={self.ttt_layer_type!r} is not supported; use 'linear' or 'mlp'.")
-        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        check_fields(self, RANGES)
         if self.compile_mode not in COMPILE_MODES:
             raise EngramError(
-                f"compile_mode={self.compile_mode!r} is not a torch.compile mode; use one of {COMPILE_MODES}."
+                f"{OVERRIDES_KEY}.compile_mode={self.compile_mode!r} is not a torch.compile mode; use one of "
+                f"{', '.join(COMPILE_MODES)}."
             )
-        for name in (*positive, "mini_batch_size", "conv_kernel", "compile_chunk"):
-            if getattr(self, name) < 1:
-                raise EngramError(f"{name}={getattr(self, name)} must be a positive integer.")
         if self.hidden_size % self.num_attention_heads:
             raise EngramError(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}; "
-                "choose sizes so that every head gets hidden_size // num_attention_heads features."
+                f"{OVERRIDES_KEY}: hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}; choose sizes so that every head gets hidden_size // num_attention_heads "
+                "features."
             )
         if self.head_dim % 2:
             raise EngramError(
-                f"head_dim={self.head_dim} (hidden_size / num_attention_heads) must be even for the rotary embedding; "
-                "change hidden_size or num_attention_heads."
+                f"{OVERRIDES_KEY}: head_dim={self.head_dim} (hidden_size / num_attention_heads) must be even for the "
+                "rotary embedding; change hidden_size or num_attention_heads."
             )
 
     @property
@@ -105,10 +120,7 @@ class TTTConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TTTConfig:
         """Build from keyword values (e.g. a YAML block); unknown keys are an error that lists the valid ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise EngramError(f"unknown TTTConfig field(s) {unknown}; valid fields are {sorted(known)}.")
+        check_known(cls, values)
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
