@@ -20,6 +20,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from src.errors import EngramError
 from src.telemetry import TELEMETRY_FILENAME, TelemetryWriter
 
 Row = tuple[str, float, int | None, int | None, int | None]
@@ -63,7 +64,7 @@ class TelemetryCallback(pl.Callback):
 
     def __init__(self, every_n_steps: int = 10, filename: str = TELEMETRY_FILENAME) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1")
+            raise EngramError(f"telemetry.every_n_steps={every_n_steps} must be >= 1.")
         self.every_n_steps = every_n_steps
         self.filename = filename
         self.writer: TelemetryWriter | None = None

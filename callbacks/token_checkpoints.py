@@ -31,8 +31,9 @@ import yaml
 
 from callbacks.cap_gauge import CapGauge, CapMeasurement
 from callbacks.telemetry import logged_scalars, telemetry_of
+from src.atomic import remove_stale_temporaries
 from src.errors import EngramError
-from src.frozen import CHECKPOINT_NAME, remove_stale, staged_freeze
+from src.frozen import CHECKPOINT_NAME, staged_freeze
 
 TOKEN_DIR = "checkpoints/tokens"
 _NAME = re.compile(r"tokens-(\d+)-step-(\d+)\.ckpt")
@@ -100,11 +101,8 @@ class TokenCheckpoints(pl.Callback):
             for callback in trainer.callbacks:  # type: ignore[attr-defined]
                 if isinstance(callback, CapGauge):
                     callback.add_listener(self._on_measurement)
-        if trainer.is_global_zero:
-            run_dir = Path(trainer.default_root_dir)
-            remove_stale(run_dir)
-            for stale in (run_dir / TOKEN_DIR).glob(".*.tmp"):  # writes of a killed run
-                stale.unlink(missing_ok=True)
+        if trainer.is_global_zero:  # token checkpoints and freezes a killed run left half-written
+            remove_stale_temporaries(trainer.default_root_dir)
 
     def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, m: CapMeasurement) -> None:
         if m.alert:

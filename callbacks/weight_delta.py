@@ -33,8 +33,8 @@ import lightning.pytorch as pl
 import torch
 
 from callbacks.telemetry import telemetry_of
+from src.atomic import atomic_write
 from src.errors import EngramError
-from src.runs import AtomicCheckpointIO
 
 GROUPS = ("embeddings", "attention", "mlp", "norms", "other")
 INIT_FILENAME = "weight_delta_init.pt"
@@ -155,7 +155,8 @@ class WeightDelta(pl.Callback):
                 self._init = {name: self._copy(p) for name, p in self._params.items()}
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()  # the asynchronous copies must land before the host reads them
-                AtomicCheckpointIO().save_checkpoint({n: t.cpu() for n, t in self._init.items()}, init_file)
+                weights = {n: t.cpu() for n, t in self._init.items()}
+                atomic_write(init_file, lambda tmp: torch.save(weights, tmp))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         step_after = trainer.global_step + 1

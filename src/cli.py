@@ -8,25 +8,38 @@ On top of Lightning this CLI
 * resolves ``accelerator``/``precision`` from the hardware and refuses impossible combinations up front
   (``src/hardware.py``), printing its choice in one line;
 * links the tokenizer's vocabulary size from the data module into the model;
-* turns user mistakes (:class:`~src.errors.EngramError`, bad config keys) into one short line and exit code 2.
+* checks a ``--ckpt_path`` checkpoint against the configured model before anything runs (``src/checkpoints.py``)
+  instead of letting its hyper-parameters replace the config, so ``config.yaml`` records what really runs;
+* guards every step against NaN/Inf (``callbacks/finite_guard.py``, ``--guard.*``);
+* turns user mistakes (:class:`~src.errors.EngramError`, bad config keys, impossible trainer values) into one short
+  line on stderr and exit code 2 (3 for a diverged run); library progress and info go to stdout;
+* removes a run directory it created when the run fails before its first optimizer step.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import ArgumentError, Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from callbacks.epoch_csv import EpochCSVCallback
+from callbacks.finite_guard import FiniteGuard
 from callbacks.rng_state import RNGStateCallback
 from callbacks.telemetry import TelemetryCallback
 from data_modules.base import EngramDataModule
+from src.checkpoints import AtomicCheckpointIO, RunCheckpoint, check_fits, latest_checkpoint, read_checkpoint
 from src.errors import EngramError
 from src.hardware import resolve_hardware
 from src.lightning_modules.base import EngramModule
@@ -34,11 +47,10 @@ from src.runs import (
     CHECKPOINT_SUBDIR,
     LAST_CHECKPOINT,
     RUN_DIR_ENV,
-    AtomicCheckpointIO,
-    RunCheckpoint,
     RunCSVLogger,
-    check_checkpoint_file,
+    default_run_name,
     resolve_run_dir,
+    writable_folder,
 )
 
 _LOGGERS_WITH_SAVE_DIR = ("WandbLogger", "TensorBoardLogger")
@@ -49,6 +61,55 @@ RUN_DIR_PLACEHOLDER = "{run_dir}"  # a logger's save_dir written like this in YA
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+
+def _quiet_console() -> None:
+    """stderr is for errors and warnings: Lightning's info lines ("GPU available: ...", "Seed set to 0") go to stdout;
+    bitsandbytes' import-time note that its optional CPU 4-bit kernel cannot be fetched (Engram quantizes on CUDA
+    only; peft imports bitsandbytes whenever it is installed) and library-internal deprecation notes are dropped."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+                handler.setStream(sys.stdout)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Deprecation notes from inside libraries (torchdata calls torch.set_vital; Lightning's pytree helper), not ours.
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # datasets draws progress bars and logs "Failed to load ..." on stderr while it prepares local files; the data
+    # modules name a failing file and line themselves. HF_DATASETS_DISABLE_PROGRESS_BARS=0 brings the bars back.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")
+    # Resuming writes into the run's own checkpoint folder on purpose.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+_quiet_console()
+
+# (key, accepted?, what is allowed) for values Lightning itself would only reject later, with a traceback.
+_VALUE_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("trainer.max_steps", lambda v: v is None or v >= -1, "a number of steps >= 0, or -1 for no limit"),
+    ("trainer.max_epochs", lambda v: v is None or v >= -1, "a number of epochs >= 0, or -1 for no limit"),
+    ("trainer.min_steps", lambda v: v is None or v >= 0, ">= 0 or null"),
+    ("trainer.accumulate_grad_batches", lambda v: v >= 1, "an integer >= 1"),
+    ("trainer.gradient_clip_val", lambda v: v is None or v >= 0, ">= 0, or null for no clipping"),
+    ("trainer.log_every_n_steps", lambda v: v is None or v >= 1, "an integer >= 1"),
+    ("trainer.val_check_interval", lambda v: v is None or v > 0, "> 0 (a fraction of an epoch, or a step count)"),
+    ("trainer.check_val_every_n_epoch", lambda v: v is None or v >= 1, ">= 1, or null"),
+    ("trainer.num_sanity_val_steps", lambda v: v is None or v >= -1, ">= 0, or -1 for all"),
+    *[
+        (f"trainer.limit_{split}_batches", lambda v: v is None or v >= 0, ">= 0 (a fraction, or a batch count)")
+        for split in ("train", "val", "test", "predict")
+    ],
+    ("checkpoint.every_n_train_steps", lambda v: v is None or v >= 0, ">= 0 (0 = no periodic checkpoints)"),
+    ("checkpoint.save_top_k", lambda v: v >= -1, ">= 0, or -1 to keep all"),
+]
+
+
+def _check_values(cfg: Namespace) -> None:
+    for key, accepted, allowed in _VALUE_RULES:
+        value = cfg.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and not accepted(value):
+            raise EngramError(f"{key}={value} is out of range: it must be {allowed}. Fix --{key}.")
 
 
 def _is_rank_zero() -> bool:
@@ -66,6 +127,14 @@ def _logger_specs(value: Any) -> list[Namespace]:
 class EngramCLI(LightningCLI):
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
         self.run_dir: Path | None = None
+        self._created_run_dir = False
+        try:
+            self._start(args, run)
+        except BaseException:
+            self._discard_unused_run_dir()
+            raise
+
+    def _start(self, args: ArgsType, run: bool) -> None:
         super().__init__(
             model_class=EngramModule,
             datamodule_class=EngramDataModule,
@@ -89,20 +158,61 @@ class EngramCLI(LightningCLI):
             "--run.dir", type=str | None, default=None, help="Exact run directory (overrides root/name versioning)."
         )
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 100})
+        # A resumed run that reaches a step saved before the kill rewrites that file (same state), never adds -v1.
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.every_n_train_steps": 100,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
+        parser.add_lightning_class_args(FiniteGuard, "guard")
         parser.add_lightning_class_args(TelemetryCallback, "telemetry")
         parser.add_lightning_class_args(EpochCSVCallback, "epoch_csv")
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
     # --- checkpoints given on the command line --------------------------------------------------------------
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads hyper-parameters from an explicit checkpoint file here; check it is readable first
-        # so a truncated file gives one clear line instead of a pickle traceback.
+        # Lightning would replace the config's model with the checkpoint's hyper-parameters here, so a checkpoint of
+        # another model silently changed what trains. Only check the file; _run_subcommand compares it to the model.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc"):
-            check_checkpoint_file(ckpt_path)
-        super()._parse_ckpt_path()
+            read_checkpoint(ckpt_path)
+
+    def _check_checkpoint_fits(self, subcommand: str) -> None:
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("best", "hpc"):
+            return
+        check_fits(ckpt_path, read_checkpoint(ckpt_path), self.model, resuming=subcommand == "fit")
+        if subcommand != "fit" or self.run_dir is None:
+            return
+        # The RNG states come from the checkpoint on resume: a new seed would not take effect.
+        saved = self.run_dir / "config.yaml"
+        if saved.is_file():
+            before = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("seed_everything")
+            now = self.config[subcommand].get("seed_everything")
+            if before is not None and now != before:
+                raise EngramError(
+                    f"resuming {self.run_dir} restores its random states, so seed_everything={now} would not take "
+                    f"effect (the run used {before}). Drop the override to resume, or start a new run."
+                )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        self._check_checkpoint_fits(subcommand)
+        super()._run_subcommand(subcommand)
+
+    def _discard_unused_run_dir(self) -> None:
+        """After a failure: delete the run directory this process created if no optimizer step was taken in it."""
+        run_dir = self.run_dir
+        if run_dir is None or not self._created_run_dir or not _is_rank_zero() or not run_dir.is_dir():
+            return
+        trainer = getattr(self, "trainer", None)
+        if (trainer is not None and trainer.global_step > 0) or latest_checkpoint(run_dir) is not None:
+            return
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir.parent.is_dir() and not any(run_dir.parent.iterdir()):
+            run_dir.parent.rmdir()
 
     # --- run directory, hardware, loggers -------------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
@@ -114,18 +224,21 @@ class EngramCLI(LightningCLI):
         if _is_rank_zero():
             print(hardware.summary(), flush=True)
 
+        _check_values(cfg)
         ckpt_path = cfg.get("ckpt_path")
         if cfg.run.dir:
-            run_dir = Path(cfg.run.dir)
+            run_dir = Path(cfg.run.dir).expanduser()
+            if run_dir.exists() and not run_dir.is_dir():
+                raise EngramError(f"run.dir={cfg.run.dir!r} is a file. Give a folder (it is created if missing).")
+            writable_folder(run_dir.parent, "run.dir's parent")
             resuming = (run_dir / CHECKPOINT_SUBDIR / LAST_CHECKPOINT).is_file()
         else:
             configs = cfg.get("config") or []
-            name = cfg.run.name or (Path(str(configs[0])).stem if configs else "engram")
+            name = cfg.run.name or default_run_name(str(configs[0]) if configs else None)
             run_dir, resuming = resolve_run_dir(cfg.run.root, name, resume=ckpt_path == "last")
         if ckpt_path == "last":
             if resuming:
                 last = run_dir / CHECKPOINT_SUBDIR / LAST_CHECKPOINT
-                check_checkpoint_file(last)
                 cfg.ckpt_path = str(last)
                 if _is_rank_zero():
                     print(f"[engram] resuming {last}", flush=True)
@@ -133,6 +246,9 @@ class EngramCLI(LightningCLI):
                 if _is_rank_zero():
                     print(f"[engram] no checkpoint to resume under {run_dir.parent}; starting fresh", flush=True)
                 cfg.ckpt_path = None
+        elif ckpt_path and ckpt_path not in ("best", "hpc"):
+            cfg.ckpt_path = str(Path(ckpt_path).expanduser())
+        self._created_run_dir = not run_dir.exists()
         self.run_dir = run_dir
         os.environ[RUN_DIR_ENV] = str(run_dir)
         trainer.default_root_dir = str(run_dir)
@@ -159,7 +275,8 @@ class EngramCLI(LightningCLI):
         )
         kwargs["logger"] = [RunCSVLogger(self.run_dir), *loggers] if user_loggers is not False else False
         plugins = config.get("plugins") or []
-        kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), AtomicCheckpointIO()]
+        checkpoint_io = AtomicCheckpointIO(self.run_dir / CHECKPOINT_SUBDIR)
+        kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), checkpoint_io]
         callbacks = config.get("callbacks") or []
         kwargs["callbacks"] = [*callbacks, RNGStateCallback(), LearningRateMonitor(logging_interval="step")]
         return super().instantiate_trainer(**kwargs)
@@ -173,23 +290,33 @@ def _short_parse_error(text: str) -> str:
     return " ".join(kept) + ". Check the key and value; `--model.help CLASS` / `--data.help CLASS` list the options."
 
 
+def _user_error(err: BaseException) -> EngramError | None:
+    """The fixable problem behind ``err``: jsonargparse wraps errors raised while instantiating a class (a model's
+    ``__init__``, a callback's) in ValueErrors; Lightning rejects impossible settings with a MisconfigurationException."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, EngramError):
+            return cause
+        if isinstance(cause, MisconfigurationException):
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            return EngramError(f"{first} Fix the config or the override that sets it.")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def main(args: ArgsType = None, run: bool = True) -> EngramCLI | None:
     """Entry point; ``args`` lets tests run the CLI in-process (``main(["fit", "--config", ...])``)."""
     try:
-        try:
-            return EngramCLI(args=args, run=run)
-        except ValueError as err:
-            # jsonargparse wraps errors raised while instantiating a class (e.g. a model's __init__).
-            cause = err.__cause__ or err.__context__
-            while cause is not None and not isinstance(cause, EngramError):
-                cause = cause.__cause__ or cause.__context__
-            if cause is None:
-                raise
-            raise cause from None
-    except (EngramError, ArgumentError) as err:
-        message = _short_parse_error(str(err)) if isinstance(err, ArgumentError) else str(err)
-        print(f"error: {message}", file=sys.stderr)
+        return EngramCLI(args=args, run=run)
+    except ArgumentError as err:
+        print(f"error: {_short_parse_error(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (ValueError, EngramError, MisconfigurationException) as err:
+        problem = _user_error(err)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(problem.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 ``accelerator: auto`` picks CUDA, then MPS, then CPU. Precision, when not set, follows the device: ``bf16-mixed``
 where the device supports it, ``32-true`` otherwise (CPU autocast in bf16 is slower than fp32, so CPU gets 32).
+The precision printed and recorded in ``config.yaml`` is the one Lightning runs: aliases (``16``, ``bf16``, ``32``)
+are written out, and ``16-mixed`` on the CPU, which Lightning would quietly run as ``bf16-mixed`` (the CPU has no
+fp16 autocast), is mapped to ``bf16-mixed`` with a note in the start line.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from src.errors import EngramError
 
 _DDP_STRATEGIES = ("ddp", "fsdp", "deepspeed")
+_PRECISION_ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
 
 
 @dataclass(frozen=True)
@@ -22,9 +26,10 @@ class Hardware:
     strategy: str
     precision: str
     precision_was_auto: bool
+    precision_note: str = ""
 
     def summary(self) -> str:
-        how = " (auto)" if self.precision_was_auto else ""
+        how = " (auto)" if self.precision_was_auto else f" ({self.precision_note})" if self.precision_note else ""
         name = f" [{torch.cuda.get_device_name(0)}]" if self.accelerator == "cuda" else ""
         return (
             f"[engram] accelerator={self.accelerator}{name} devices={self.devices} "
@@ -101,7 +106,10 @@ def resolve_hardware(
     if precision is None or str(precision) == "auto":
         prec, was_auto = ("bf16-mixed" if _supports_bf16(acc) else "32-true"), True
     else:
-        prec, was_auto = str(precision), False
+        prec, was_auto = _PRECISION_ALIASES.get(str(precision), str(precision)), False
+        if prec == "16-mixed" and acc == "cpu":
+            note = "16-mixed was asked for; the CPU has no fp16 autocast, so it trains in bf16-mixed"
+            return Hardware(acc, devs, strat, "bf16-mixed", False, note)
         if "bf16" in prec and acc in ("cuda", "mps") and not _supports_bf16(acc):
             device = torch.cuda.get_device_name(0) if acc == "cuda" else "this MPS device"
             raise EngramError(

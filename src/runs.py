@@ -1,4 +1,4 @@
-"""Run directories, atomic checkpoint writes, and the CSV logger that keeps its rows across resumes.
+"""Run directories and the CSV logger that keeps its rows across resumes.
 
 Layout of one run (``<root>/<name>/v<N>/``)::
 
@@ -10,6 +10,8 @@ Layout of one run (``<root>/<name>/v<N>/``)::
 
 A fresh ``fit`` starts a new version; ``--ckpt_path last`` continues the newest version of ``<root>/<name>`` that
 has ``checkpoints/last.ckpt``. DDP ranks started by Lightning inherit the directory through ``ENGRAM_RUN_DIR``.
+A run name is one plain folder name (:data:`RUN_NAME`), so a run never lands outside ``--run.root``; ``--run.dir``
+is the one way to write elsewhere.
 """
 
 from __future__ import annotations
@@ -17,23 +19,18 @@ from __future__ import annotations
 import csv
 import os
 import re
-import tempfile
-import zipfile
 from pathlib import Path
-from typing import Any
 
-import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from src.errors import EngramError
 
 RUN_DIR_ENV = "ENGRAM_RUN_DIR"
 CHECKPOINT_SUBDIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RUN_NAME_RULE = "letters, digits, '.', '_' and '-', starting with a letter or digit, at most 128 characters"
 
 
 def _versions(base: Path) -> list[tuple[int, Path]]:
@@ -51,13 +48,50 @@ def latest_resumable(base: Path) -> Path | None:
     return None
 
 
+def check_run_name(name: str) -> str:
+    """``name`` if it is one plain folder name (no separators, no ``..``, not absolute), else one clear error."""
+    if not RUN_NAME.fullmatch(name) or ".." in name:
+        raise EngramError(
+            f"run.name={name!r} is not a plain folder name: use {RUN_NAME_RULE} (no '/', '..' or absolute paths). "
+            "To write outside --run.root, give an exact --run.dir instead."
+        )
+    return name
+
+
+def default_run_name(config_file: str | None) -> str:
+    """The first config's stem made into a valid run name (``engram`` without a config)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(config_file).stem).strip(".-_") if config_file else ""
+    return stem[:128] or "engram"
+
+
+def writable_folder(path: str | Path, key: str) -> Path:
+    """Create ``path`` if needed and check it can be written to, or raise one line naming ``key``."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise EngramError(f"{key}={str(path)!r} is a file, not a folder. Give a folder (it is created if missing).")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EngramError(f"{key}={str(path)!r} cannot be created ({err.strerror}). Give a writable folder.") from err
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EngramError(f"{key}={str(path)!r} is not writable. Give a writable folder.")
+    return folder
+
+
 def resolve_run_dir(root: str, name: str, resume: bool) -> tuple[Path, bool]:
-    """Return ``(run_dir, resuming)``. Child DDP ranks reuse the parent's choice via the environment."""
+    """Return ``(run_dir, resuming)`` for ``<root>/<name>/v<N>``. Child DDP ranks reuse the parent's choice."""
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
         run_dir = Path(inherited)
         return run_dir, resume and (run_dir / CHECKPOINT_SUBDIR / LAST_CHECKPOINT).is_file()
-    base = Path(root) / name
+    check_run_name(name)
+    root_dir = writable_folder(root, "run.root")
+    base = root_dir / name
+    if not base.resolve().is_relative_to(root_dir.resolve()):  # e.g. <root>/<name> is a link to elsewhere
+        raise EngramError(
+            f"run directory {str(base)!r} resolves to {str(base.resolve())!r}, outside run.root={root!r}. Remove the "
+            "link, or give the exact --run.dir to write there."
+        )
     if resume:
         found = latest_resumable(base)
         if found is not None:
@@ -65,43 +99,6 @@ def resolve_run_dir(root: str, name: str, resume: bool) -> tuple[Path, bool]:
     versions = _versions(base)
     run_dir = base / f"v{versions[-1][0] + 1 if versions else 0}"
     return run_dir, False
-
-
-def check_checkpoint_file(path: str | Path) -> None:
-    """Fail with a clear message if ``path`` is missing or not a readable torch checkpoint (e.g. truncated)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EngramError(f"checkpoint {str(path)!r} does not exist. Check --ckpt_path (or use --ckpt_path last).")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as err:
-        raise EngramError(
-            f"checkpoint {str(path)!r} is corrupt or truncated ({err}). Resume from an earlier checkpoint, "
-            "or start fresh without --ckpt_path."
-        ) from err
-    if bad is not None:
-        raise EngramError(f"checkpoint {str(path)!r} is corrupt (bad member {bad!r}). Resume from another checkpoint.")
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file in the same folder, fsync, then rename over the target.
-
-    A write killed half-way leaves the previous checkpoint untouched (a rename is atomic on POSIX)."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -126,13 +123,3 @@ class RunCSVLogger(CSVLogger):
             os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
-
-
-class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that also writes ``last.ckpt`` when training ends between two periodic saves, so
-    ``last.ckpt`` always holds the final step (Lightning's saves only on its step/epoch schedule)."""
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.cli_forkserver import CLIServer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -30,3 +33,11 @@ def _isolate_run_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # The CLI exports the run directory for DDP children; a test must not inherit the previous test's.
     monkeypatch.delenv("ENGRAM_RUN_DIR", raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
+
+
+@pytest.fixture(scope="session")
+def cli_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CLIServer]:
+    """``python -m src.cli`` as separate processes, sharing one import (``tests/cli_forkserver.py``)."""
+    server = CLIServer(REPO, tmp_path_factory.mktemp("cli_server"))
+    yield server
+    server.close()

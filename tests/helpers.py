@@ -33,3 +33,34 @@ class RecordBatches(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         path = Path(self.out_dir) / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(self.seen))
+
+
+class PoisonWeights(pl.Callback):
+    """Fills the first parameter with NaN once ``step`` optimizer steps are done: before the next batch's forward
+    (``when="batch_start"``: the loss turns NaN) or right after the step, before its checkpoint (``"batch_end"``)."""
+
+    def __init__(self, step: int, when: str = "batch_start") -> None:
+        self.step, self.when = step, when
+
+    def _poison(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step >= self.step:
+            next(pl_module.parameters()).data.fill_(float("nan"))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if self.when == "batch_start":
+            self._poison(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if self.when == "batch_end":
+            self._poison(trainer, pl_module)
+
+
+class PoisonGrads(pl.Callback):
+    """Makes one gradient NaN in the optimizer steps numbered ``steps`` (``global_step`` before the step)."""
+
+    def __init__(self, steps: list[int]) -> None:
+        self.steps = set(steps)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step in self.steps:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("nan"))

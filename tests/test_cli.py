@@ -225,3 +225,45 @@ def test_two_process_ddp_on_cpu(run_root: Path, tmp_path: Path) -> None:
     assert not (run_root / "gemma_tiny" / "v1").exists()  # both ranks used one run directory
     ckpt = torch.load(run_root / "gemma_tiny" / "v0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["tokens_seen"] == 4 * 2 * 4 * 64
+
+
+# --- reliability --------------------------------------------------------------------------------------------
+def test_precision_printed_and_recorded_is_the_one_that_runs(
+    run_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cli = main(["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), *FAST, "--trainer.max_steps", "1",
+                "--trainer.precision", "16-mixed", "--run.root", str(run_root)])  # fmt: skip
+    assert cli is not None and cli.trainer.precision == "bf16-mixed"
+    assert "precision=bf16-mixed (16-mixed was asked for" in capsys.readouterr().out
+    saved = yaml.safe_load((run_root / "gemma_tiny" / "v0" / "config.yaml").read_text())
+    assert saved["trainer"]["precision"] == "bf16-mixed"
+
+
+def test_resume_rewrites_a_periodic_checkpoint_instead_of_adding_versions(run_root: Path) -> None:
+    args = ["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), *FAST, "--checkpoint.every_n_train_steps", "2",
+            "--checkpoint.save_top_k", "-1", "--run.root", str(run_root), "--trainer.max_steps", "6"]  # fmt: skip
+    main(args)
+    checkpoints = run_root / "gemma_tiny" / "v0" / "checkpoints"
+    # As if the process died while writing step 6's last.ckpt: last.ckpt still holds step 4, the step-6 file exists.
+    (checkpoints / "last.ckpt").write_bytes((checkpoints / "epoch=0-step=4.ckpt").read_bytes())
+    main([*args, "--ckpt_path", "last"])
+    names = sorted(p.name for p in checkpoints.glob("*.ckpt"))
+    assert names == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"]
+
+
+def test_run_names_from_config_files_are_made_valid(run_root: Path, tmp_path: Path) -> None:
+    odd = tmp_path / "my config (copy).yaml"
+    odd.write_text((CONFIGS / "gemma_tiny.yaml").read_text())
+    main(["fit", "--config", str(odd), *FAST, "--trainer.max_steps", "1", "--run.root", str(run_root)])
+    assert (run_root / "my-config-copy" / "v0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_directory(
+    run_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), *FAST, "--run.root", str(run_root)]
+    _error_of([*args, "--data.init_args.seq_len", "1024"], capsys)  # fails in setup, after the trainer exists
+    assert not (run_root / "gemma_tiny").exists()
+    main([*args, "--trainer.max_steps", "1"])
+    _error_of([*args, "--data.init_args.seq_len", "1024"], capsys)
+    assert sorted(p.name for p in (run_root / "gemma_tiny").iterdir()) == ["v0"]  # v1 was removed, v0 kept

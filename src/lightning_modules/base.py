@@ -1,6 +1,6 @@
 """What every Engram LightningModule shares: the family name used in telemetry, the count of training tokens
-seen (kept in checkpoints), the AdamW + linear-warmup + cosine schedule, and the check that the data fits the
-model's context."""
+seen and the checkpoint's identity record (both kept in checkpoints), the AdamW + linear-warmup + cosine schedule
+with its settings checked up front, and the check that the data fits the model's context."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from src.checkpoints import IDENTITY_KEY, checkpoint_identity
 from src.errors import EngramError
 
 IGNORE_INDEX = -100
@@ -23,6 +24,22 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _check_optimizer_settings(
+    lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int, min_lr_ratio: float
+) -> None:
+    """AdamW would reject these only once training starts, with a traceback."""
+    problems = [
+        ("lr", lr, math.isfinite(lr) and lr > 0, "a finite number > 0"),
+        ("weight_decay", weight_decay, math.isfinite(weight_decay) and weight_decay >= 0, ">= 0"),
+        ("betas", list(betas), len(betas) == 2 and all(0 <= b < 1 for b in betas), "two numbers in [0, 1)"),
+        ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
+        ("min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
+    ]
+    for key, value, ok, allowed in problems:
+        if not ok:
+            raise EngramError(f"model.init_args.{key}={value} is out of range: it must be {allowed}.")
 
 
 class EngramModule(pl.LightningModule):
@@ -37,6 +54,9 @@ class EngramModule(pl.LightningModule):
     """
 
     family = "base"
+    # Settings that resuming training restores from the checkpoint (AdamW's param_groups), not from the config;
+    # the CLI refuses a resume whose config changes them. Families add their own.
+    RESTORED_FROM_CHECKPOINT: tuple[str, ...] = ("lr", "weight_decay", "betas")
 
     def __init__(
         self,
@@ -47,6 +67,7 @@ class EngramModule(pl.LightningModule):
         min_lr_ratio: float = 0.1,
     ) -> None:
         super().__init__()
+        _check_optimizer_settings(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.lr = lr
         self.weight_decay = weight_decay
         self.betas = betas
@@ -74,6 +95,7 @@ class EngramModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint[IDENTITY_KEY] = checkpoint_identity(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))

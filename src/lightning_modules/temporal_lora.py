@@ -103,6 +103,8 @@ class TemporalLoRALM(EngramModule):
     """
 
     family = "temporal_lora"
+    # A full checkpoint supersedes init_from (on_load_checkpoint), so a changed init_from would not be loaded.
+    RESTORED_FROM_CHECKPOINT = (*EngramModule.RESTORED_FROM_CHECKPOINT, "init_from")
 
     def __init__(
         self,
