@@ -3,17 +3,28 @@
 Layout inside a run directory::
 
     frozen/<tag>/checkpoint.ckpt     the Lightning checkpoint at the moment of freezing
-    frozen/<tag>/manifest.json       tag, reason, step, tokens, metrics, the run's config, sha256 + size per file
+    frozen/<tag>/manifest.json       tag, reason, step, tokens, metrics, the run's config, sha256 + size per file,
+                                     and ``manifest_sha256``: the sha256 of the manifest itself
+
+The manifest protects itself (format 2): ``manifest_sha256`` is the sha256 of the manifest's canonical JSON text
+(every field but ``manifest_sha256``; sorted keys, separators ``,`` and ``:``, ASCII escapes), so an edit to the
+step, tokens, metrics, config or a recorded file hash makes :func:`verify_entry` report ``manifest.json: edited
+after freezing``. It covers content, not layout: re-indenting the file changes nothing. It catches edits, not
+forgery: whoever edits the manifest and recomputes the hash goes unnoticed (there is no secret key). A format-1
+manifest (written before the self-hash) records no hash of itself, so edits to it cannot be detected; verify
+reports that as a problem and the entry as FAIL (exit code 1) rather than print an OK it cannot back up. Its
+files are still checked against it.
 
 A freeze is staged in a hidden folder ``frozen/.<tag>.<random>.tmp`` and renamed to ``frozen/<tag>`` only once the
 checkpoint and the manifest are complete (a rename is atomic on POSIX), so a crash mid-freeze never leaves a
-half-written entry under a real tag; stale staging folders are removed by :func:`remove_stale`. Files become
+half-written entry under a real tag; stale staging folders are removed by
+:func:`src.atomic.remove_stale_temporaries` when a run starts. Files become
 mode 0444 and the folder 0555. Nothing in Engram deletes a frozen entry.
 
 Command line::
 
     python -m src.frozen list RUN_DIR              # tag, step, tokens, reason, created
-    python -m src.frozen verify RUN_DIR [TAG ...]  # re-hash every file; exit 1 if any entry does not verify
+    python -m src.frozen verify RUN_DIR [TAG ...]  # re-hash every file and manifest; exit 1 if any entry fails
 """
 
 from __future__ import annotations
@@ -34,13 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from src.atomic import TEMPORARY
 from src.errors import EngramError
 
 FROZEN_SUBDIR = "frozen"
 MANIFEST = "manifest.json"
 CHECKPOINT_NAME = "checkpoint.ckpt"
-MANIFEST_FORMAT = 1
-_STAGING = re.compile(r"\..+\.tmp")
+MANIFEST_FORMAT = 2  # 2: the manifest records its own sha256 (MANIFEST_SHA256)
+MANIFEST_SHA256 = "manifest_sha256"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -49,6 +61,17 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON text, without its own ``manifest_sha256`` field.
+
+    ``manifest`` must hold plain JSON values (as :func:`json.loads` returns them): those serialise to the same
+    text before writing and after reading back (floats by their shortest ``repr``, NaN as ``NaN``).
+    """
+    body = {key: value for key, value in manifest.items() if key != MANIFEST_SHA256}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def safe_tag(tag: str) -> str:
@@ -74,15 +97,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def remove_stale(run_dir: str | Path) -> None:
-    """Delete staging folders left by a freeze that was killed (never a committed entry)."""
-    root = Path(run_dir) / FROZEN_SUBDIR
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.is_dir() and _STAGING.fullmatch(path.name):
-                shutil.rmtree(path, ignore_errors=True)
-
-
 @dataclass
 class Stage:
     folder: Path  # where the body writes the files to freeze
@@ -95,7 +109,8 @@ def staged_freeze(run_dir: str | Path, tag: str, info: dict[str, Any]) -> Iterat
 
     On a normal exit every file is hashed, ``manifest.json`` (``info`` plus tag, time and hashes) is written, the
     folder is renamed to ``frozen/<tag>`` (``<tag>-2``, ... if taken), made read-only and stored in ``stage.path``.
-    If the body raises, the staging folder is deleted and nothing appears under ``frozen/``.
+    If the body raises, the staging folder is deleted and nothing appears under ``frozen/``. Values of ``info``
+    that JSON has no type for are written as ``str(value)``.
     """
     root = Path(run_dir) / FROZEN_SUBDIR
     root.mkdir(parents=True, exist_ok=True)
@@ -117,8 +132,12 @@ def staged_freeze(run_dir: str | Path, tag: str, info: dict[str, Any]) -> Iterat
             **info,
             "files": files,
         }
+        # Hash what a reader will load, not the Python objects: the round trip turns tuples into lists, non-str
+        # keys into strings (which sort differently) and other objects into str(), exactly as the file will.
+        manifest = json.loads(json.dumps(manifest, default=str))
+        manifest[MANIFEST_SHA256] = manifest_digest(manifest)
         with (staging / MANIFEST).open("w", encoding="utf-8") as handle:
-            json.dump(manifest, handle, indent=2, sort_keys=True, default=str)
+            json.dump(manifest, handle, indent=2, sort_keys=True)
             handle.flush()
             os.fsync(handle.fileno())
         _fsync_dir(staging)
@@ -144,14 +163,23 @@ def read_manifest(entry: str | Path) -> dict[str, Any]:
 
 
 def verify_entry(entry: str | Path) -> list[str]:
-    """Problems with one frozen entry (empty = verified): missing, changed or unlisted files, a bad manifest."""
+    """Problems with one frozen entry (empty = verified): an edited or unverifiable manifest, missing, changed or
+    unlisted files."""
     entry = Path(entry)
     try:
         manifest = read_manifest(entry)
     except EngramError as err:
         return [str(err)]
-    listed = manifest.get("files", {})
     problems = []
+    recorded = manifest.get(MANIFEST_SHA256)
+    if recorded is None:
+        problems.append(
+            f"{MANIFEST}: format {manifest.get('format')} records no sha256 of itself, so edits to its step, tokens, "
+            "metrics or config cannot be detected (only its files were checked)"
+        )
+    elif manifest_digest(manifest) != recorded:
+        problems.append(f"{MANIFEST}: edited after freezing (its sha256 differs from the one it records)")
+    listed = manifest.get("files", {})
     for name, meta in sorted(listed.items()):
         path = entry / name
         if not path.is_file():
@@ -172,7 +200,7 @@ def frozen_entries(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / FROZEN_SUBDIR
     if not root.is_dir():
         raise EngramError(f"{root} does not exist: no checkpoint of {run_dir} was frozen. Give a run directory.")
-    entries = [p for p in root.iterdir() if p.is_dir() and not _STAGING.fullmatch(p.name)]
+    entries = [p for p in root.iterdir() if p.is_dir() and not TEMPORARY.fullmatch(p.name)]
     return sorted(entries, key=lambda p: (p.stat().st_mtime, p.name))
 
 
@@ -180,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.frozen", description="List or verify frozen checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="one line per frozen checkpoint").add_argument("run_dir")
-    verify = sub.add_parser("verify", help="re-hash files against the manifests; exit 1 on any mismatch")
+    verify = sub.add_parser("verify", help="re-hash files and manifests; exit 1 on any mismatch")
     verify.add_argument("run_dir")
     verify.add_argument("tags", nargs="*", help="only these tags (default: all)")
     args = parser.parse_args(argv)

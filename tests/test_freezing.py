@@ -1,5 +1,5 @@
 """Token checkpoints and frozen checkpoints: every trigger freezes a verifiable, read-only copy; pruning never
-deletes it; a write that dies half-way never replaces a good checkpoint."""
+deletes it; a write that dies half-way never replaces a good checkpoint; an edited manifest fails verification."""
 
 from __future__ import annotations
 
@@ -11,16 +11,28 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from callbacks.cap_gauge import CapGauge
 from callbacks.token_checkpoints import TOKEN_DIR, TokenCheckpoints, token_checkpoints
+from src.checkpoints import check_checkpoint_file
 from src.errors import EngramError
-from src.frozen import CHECKPOINT_NAME, FROZEN_SUBDIR, MANIFEST, frozen_entries, main, staged_freeze, verify_entry
-from src.runs import check_checkpoint_file
+from src.frozen import (
+    CHECKPOINT_NAME,
+    FROZEN_SUBDIR,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MANIFEST_SHA256,
+    frozen_entries,
+    main,
+    staged_freeze,
+    verify_entry,
+)
 from tests.chrono_tiny import TOKENS_PER_STEP, HalfWriteIO, fit
 from tests.conftest import REPO
 
@@ -130,3 +142,81 @@ def test_a_token_checkpoint_write_killed_half_way_never_replaces_anything(tmp_pa
 
     fit(tmp_path, [TokenCheckpoints(every_n_tokens=10**9)], max_steps=1)  # a new run in the folder cleans it up
     assert not list(folder.glob(".*.tmp")) and [p.name for p in token_checkpoints(folder)] == good
+
+
+EDITED = f"{MANIFEST}: edited after freezing (its sha256 differs from the one it records)"
+# Values whose JSON text could change between writing and reading back if the hash were taken over the Python
+# objects: int keys (sorted as numbers, read back as strings), a tuple, a Path (written as str()), floats with long
+# or exponent forms, NaN and infinity, non-ASCII text, an int beyond float precision.
+AWKWARD_INFO: dict[str, Any] = {
+    "reason": "test",
+    "step": 7,
+    "tokens": 2**53 + 1,
+    "metrics": {"train/loss": 0.1, "third": 1 / 3, "tiny": 5e-324, "big": 1e16, "zero": -0.0, "nan": float("nan")},
+    "config": {
+        "model": {"lr": 3e-4, "name": "Gemma — ü 字", "path": Path("/data/pg19"), "dims": (64, 128)},
+        "by_layer": {10: "late", 2: "early", "inf": float("inf")},
+    },
+}
+
+
+def _freeze(run_dir: Path) -> Path:
+    with staged_freeze(run_dir, "entry", AWKWARD_INFO) as stage:
+        (stage.folder / CHECKPOINT_NAME).write_bytes(b"weights" * 100)
+    assert stage.path is not None
+    return stage.path
+
+
+def _rewrite(entry: Path, change: Callable[[dict[str, Any]], object], indent: int = 2) -> None:
+    """Edit a frozen manifest the way a person would: load, change, save (it is read-only, so chmod first)."""
+    path = entry / MANIFEST
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.chmod(0o644)
+    path.write_text(json.dumps(manifest, indent=indent, sort_keys=True))
+
+
+EDITS: dict[str, Callable[[dict[str, Any]], object]] = {
+    "step": lambda m: m.update(step=m["step"] + 1),
+    "tokens": lambda m: m.update(tokens=m["tokens"] - 1),
+    "metric": lambda m: m["metrics"].update({"train/loss": 0.09}),
+    "config": lambda m: m["config"]["model"].update(lr=1e-3),
+    "file hash": lambda m: m["files"][CHECKPOINT_NAME].update(sha256="0" * 64),
+}
+
+
+def test_an_untouched_manifest_verifies_after_the_json_round_trip(tmp_path: Path) -> None:
+    entry = _freeze(tmp_path)
+    manifest = json.loads((entry / MANIFEST).read_text())
+    assert manifest["format"] == MANIFEST_FORMAT == 2 and len(manifest[MANIFEST_SHA256]) == 64
+    assert manifest["config"]["model"]["path"] == "/data/pg19" and manifest["config"]["by_layer"]["10"] == "late"
+    assert verify_entry(entry) == []
+    assert main(["verify", str(tmp_path)]) == 0
+    _rewrite(entry, lambda m: None, indent=4)  # the hash covers the content, not the layout
+    assert verify_entry(entry) == []
+
+
+@pytest.mark.parametrize("field", EDITS)
+def test_an_edited_manifest_fails_verification(tmp_path: Path, field: str, capsys: pytest.CaptureFixture[str]) -> None:
+    entry = _freeze(tmp_path)
+    _rewrite(entry, EDITS[field])
+    # A changed file hash also no longer matches the checkpoint; the manifest's own hash names the cause.
+    also = [f"{CHECKPOINT_NAME}: sha256 differs from the manifest"] if field == "file hash" else []
+    assert verify_entry(entry) == [EDITED, *also]
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path)]) == 1
+    assert f"FAIL entry\n     {EDITED}" in capsys.readouterr().out
+
+
+def test_a_format_1_manifest_fails_because_edits_to_it_cannot_be_detected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entry = _freeze(tmp_path)
+    _rewrite(entry, lambda m: (m.pop(MANIFEST_SHA256), m.update(format=1)))
+    assert verify_entry(entry) == [
+        f"{MANIFEST}: format 1 records no sha256 of itself, so edits to its step, tokens, metrics or config cannot "
+        "be detected (only its files were checked)"
+    ]
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path)]) == 1
+    assert "FAIL entry" in capsys.readouterr().out
