@@ -7,7 +7,8 @@ and never replaces anything. Only after a successful write are the oldest ones b
 looks at that folder alone, so it never touches a frozen checkpoint.
 
 **Freezing** copies the current training state into ``<run_dir>/frozen/<tag>/`` with a manifest (``src/frozen.py``:
-sha256 per file, step, tokens, metrics, the run's config), atomically, and makes it read-only. Triggers:
+sha256 per file, step, tokens, metrics, the run's config, a sha256 of the manifest itself), atomically, and makes
+it read-only. Triggers:
 
 * the Cap-Gauge's capacity alert (``freeze_on_capacity_alert``), tag ``capacity-alert-step<step>``;
 * a token count reached (``freeze_at_tokens``), tag ``tokens-<count>``;

@@ -79,6 +79,8 @@ def _quiet_console() -> None:
     # modules name a failing file and line themselves. HF_DATASETS_DISABLE_PROGRESS_BARS=0 brings the bars back.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("DATASETS_VERBOSITY", "critical")
+    # Lightning's hint on every multi-core machine; the data modules' num_workers option is where to act on it.
+    warnings.filterwarnings("ignore", message=r"The '\w+_dataloader' does not have many workers")
     # Resuming writes into the run's own checkpoint folder on purpose.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 

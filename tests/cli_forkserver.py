@@ -89,7 +89,8 @@ class CLIServer:
     def __init__(self, repo: Path, workdir: Path) -> None:
         self.workdir = workdir
         self.import_stderr = workdir / "server.stderr"
-        env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+        path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
         self._stderr = self.import_stderr.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.cli_forkserver"],
