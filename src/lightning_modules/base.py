@@ -124,7 +124,8 @@ class LanguageModel(EngramModule):
     """Next-token training and evaluation shared by the LM families.
 
     A subclass builds its network, calls ``init_metrics(vocab_size)`` and implements ``lm_forward`` returning
-    ``(loss, logits)`` with HF-style labels (aligned with ``input_ids``; the loss shifts; -100 ignored).
+    ``(loss, logits)`` with HF-style labels (aligned with ``input_ids``; the loss shifts; -100 ignored); it may
+    override ``lm_loss`` for a training loss that needs no logits.
     Logged: ``train/loss``; ``{val,test}/loss``, ``/ppl`` and ``/acc`` (next-token top-1) via torchmetrics.
     """
 
@@ -139,9 +140,14 @@ class LanguageModel(EngramModule):
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         raise NotImplementedError
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self.lm_forward(batch["input_ids"], batch["labels"])
+    def lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss; a family may compute it without materialising the logits."""
+        loss, _ = self.lm_forward(input_ids, labels)
         assert loss is not None
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.lm_loss(batch["input_ids"], batch["labels"])
         self.count_tokens(batch["input_ids"])
         self.log("train/loss", loss, prog_bar=True)
         return loss

@@ -9,6 +9,7 @@ import torch
 
 from src.errors import EngramError
 from src.lightning_modules.base import LanguageModel
+from src.models.components.linear_cross_entropy import chunked_linear_cross_entropy
 from src.models.hf_causal_lm import PRESETS, apply_lora, build_causal_lm, context_length
 
 
@@ -23,6 +24,11 @@ class CausalLM(LanguageModel):
         config_overrides: fields of the transformers config to change, e.g. ``{num_hidden_layers: 4}``.
         attn_implementation: force ``eager``/``sdpa``/``flash_attention_2``; default picks per architecture.
         compile: wrap the network in ``torch.compile``.
+        gradient_checkpointing: recompute each layer's activations in the backward instead of keeping them
+            (transformers' gradient checkpointing): much less memory for about a third more compute.
+        loss_chunk_size: compute the training loss from the hidden states this many tokens at a time
+            (``src/models/components/linear_cross_entropy.py``), never holding the full ``[tokens, vocab]`` fp32
+            logits; null = the model's own loss on full logits. Evaluation always uses full logits.
         quantization: load the weights quantized (QLoRA): ``BitsAndBytesConfig`` fields, e.g. ``{load_in_4bit: true,
             bnb_4bit_quant_type: nf4, bnb_4bit_use_double_quant: true, bnb_4bit_compute_dtype: bfloat16}``; needs
             CUDA and bitsandbytes. Null = full precision.
@@ -41,6 +47,8 @@ class CausalLM(LanguageModel):
         config_overrides: dict[str, Any] | None = None,
         attn_implementation: str | None = None,
         compile: bool = False,
+        gradient_checkpointing: bool = False,
+        loss_chunk_size: int | None = None,
         quantization: dict[str, Any] | None = None,
         lora: dict[str, Any] | None = None,
         lr: float = 3e-4,
@@ -64,6 +72,12 @@ class CausalLM(LanguageModel):
                 f"the tokenizer has {vocab_size} tokens but the model's vocabulary has {model_vocab}. "
                 "Use the tokenizer the model was trained with (data tokenizer: <model folder>)."
             )
+        if loss_chunk_size is not None and loss_chunk_size < 1:
+            raise EngramError(f"model.init_args.loss_chunk_size={loss_chunk_size} must be >= 1 (or null).")
+        self.loss_chunk_size = loss_chunk_size
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing works with frozen inputs (LoRA) and keeps RNG states for dropout.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if compile:
             self.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
         self.init_metrics(model_vocab)
@@ -77,3 +91,13 @@ class CausalLM(LanguageModel):
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         out = self.model(input_ids=input_ids, labels=labels)
         return out.loss, out.logits
+
+    def lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.loss_chunk_size is None:
+            return super().lm_loss(input_ids, labels)
+        hidden = self.model.get_decoder()(input_ids=input_ids).last_hidden_state
+        head = self.model.get_output_embeddings()
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        return chunked_linear_cross_entropy(
+            hidden[:, :-1], head.weight, labels[:, 1:], head.bias, softcap, self.loss_chunk_size
+        )
