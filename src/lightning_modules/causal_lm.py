@@ -10,7 +10,13 @@ import torch
 from src.errors import EngramError
 from src.lightning_modules.base import LanguageModel
 from src.models.components.linear_cross_entropy import chunked_linear_cross_entropy
-from src.models.hf_causal_lm import PRESETS, apply_lora, build_causal_lm, context_length
+from src.models.hf_causal_lm import (
+    PRESETS,
+    apply_lora,
+    build_causal_lm,
+    context_length,
+    enable_activation_checkpointing,
+)
 
 
 class CausalLM(LanguageModel):
@@ -76,8 +82,7 @@ class CausalLM(LanguageModel):
             raise EngramError(f"model.init_args.loss_chunk_size={loss_chunk_size} must be >= 1 (or null).")
         self.loss_chunk_size = loss_chunk_size
         if gradient_checkpointing:
-            # Non-reentrant checkpointing works with frozen inputs (LoRA) and keeps RNG states for dropout.
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
         if compile:
             self.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
         self.init_metrics(model_vocab)

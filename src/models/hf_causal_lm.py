@@ -215,6 +215,22 @@ def apply_lora(model: PreTrainedModel, lora: dict[str, Any], quantized: bool) ->
     return peft_model
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Recompute each layer's activations in the backward. Non-reentrant checkpointing works with frozen inputs
+    (LoRA) and replays dropout's random states; transformers 5.24 renamed gradient to activation checkpointing."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_activation_checkpointing(model: Any) -> bool:
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
+
+
 def context_length(config: PretrainedConfig) -> int | None:
     """The longest sequence the model's position scheme supports, when the config says."""
     for key in ("max_position_embeddings", "n_positions"):
