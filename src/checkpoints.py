@@ -24,7 +24,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from src.atomic import atomic_write, remove_stale_temporaries
 from src.errors import EngramError, NonFiniteError
 
-IDENTITY_KEY = "engram"  # beside Lightning's own keys: {"format", "family", "model_class", "model_config"}
+# Beside Lightning's own keys, whose "hyper_parameters" already hold the model's settings: {format, family, model_class}
+IDENTITY_KEY = "engram"
 IDENTITY_FORMAT = 1
 CHECKPOINT_SUFFIX = ".ckpt"
 
@@ -40,7 +41,6 @@ def checkpoint_identity(module: pl.LightningModule) -> dict[str, Any]:
         "format": IDENTITY_FORMAT,
         "family": getattr(module, "family", "unknown"),
         "model_class": qualified_name(type(module)),
-        "model_config": dict(module.hparams),
     }
 
 
@@ -59,12 +59,16 @@ def _float_tensors(tree: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]
 def nonfinite_tensors(checkpoint: Mapping[str, Any]) -> list[str]:
     """Names of the weight and optimizer-state tensors of a Lightning checkpoint that hold NaN or Inf."""
     parts = {"state_dict": checkpoint.get("state_dict", {}), "optimizer_states": checkpoint.get("optimizer_states", [])}
-    bad = []
-    for name, tensor in _float_tensors(parts, ""):
-        # amax and amin propagate NaN and keep ±Inf, without a bool copy of the tensor.
-        if tensor.numel() and not (torch.isfinite(tensor.amax()) and torch.isfinite(tensor.amin())):
-            bad.append(name)
-    return bad
+    named = [(name, tensor) for name, tensor in _float_tensors(parts, "") if tensor.numel()]
+    # amax and amin propagate NaN and keep ±Inf, without a bool copy of the tensor; the flags stay on their device
+    # and are read back once per device, not once per tensor.
+    flags = [torch.isfinite(t.amax()) & torch.isfinite(t.amin()) for _, t in named]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for flag in flags:
+        by_device.setdefault(flag.device, []).append(flag)
+    if all(bool(torch.stack(group).all()) for group in by_device.values()):
+        return []
+    return [name for (name, _), flag in zip(named, flags, strict=True) if not bool(flag)]
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
@@ -159,11 +163,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "checkpoint written by Engram (runs/<name>/v<N>/checkpoints/*.ckpt)."
         )
     return checkpoint
-
-
-def check_checkpoint_file(path: str | Path) -> None:
-    """Fail with one clear line if ``path`` is missing or not a loadable Lightning checkpoint (e.g. truncated)."""
-    read_checkpoint(path)
 
 
 # --- does it fit the configured model? -----------------------------------------------------------------------------

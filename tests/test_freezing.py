@@ -20,7 +20,7 @@ import torch
 
 from callbacks.cap_gauge import CapGauge
 from callbacks.token_checkpoints import TOKEN_DIR, TokenCheckpoints, token_checkpoints
-from src.checkpoints import check_checkpoint_file
+from src.checkpoints import read_checkpoint
 from src.errors import EngramError
 from src.frozen import (
     CHECKPOINT_NAME,
@@ -114,7 +114,7 @@ def test_a_token_checkpoint_write_that_raises_keeps_the_previous_one(tmp_path: P
         fit(tmp_path, [TokenCheckpoints(every_n_tokens=TOKENS_PER_STEP, keep_last=1)], 10, plugins=[HalfWriteIO(3)])
     folder = tmp_path / TOKEN_DIR
     assert sorted(os.listdir(folder)) == [f"tokens-{2 * 128:015d}-step-{2:09d}.ckpt"]  # no partial file left
-    check_checkpoint_file(folder / os.listdir(folder)[0])
+    read_checkpoint(folder / os.listdir(folder)[0])
     assert torch.load(folder / os.listdir(folder)[0], weights_only=False)["global_step"] == 2
 
 
@@ -134,11 +134,11 @@ def test_a_token_checkpoint_write_killed_half_way_never_replaces_anything(tmp_pa
     good = [f"tokens-{n * 128:015d}-step-{n:09d}.ckpt" for n in (1, 2)]
     assert [p.name for p in token_checkpoints(folder)] == good
     for name in good:
-        check_checkpoint_file(folder / name)
+        read_checkpoint(folder / name)
     partial = [p for p in folder.iterdir() if p.name.endswith(".tmp")]
     assert len(partial) == 1
     with pytest.raises(EngramError, match="corrupt or truncated"):
-        check_checkpoint_file(partial[0])  # what was cut off is unreadable, and under no real name
+        read_checkpoint(partial[0])  # what was cut off is unreadable, and under no real name
 
     fit(tmp_path, [TokenCheckpoints(every_n_tokens=10**9)], max_steps=1)  # a new run in the folder cleans it up
     assert not list(folder.glob(".*.tmp")) and [p.name for p in token_checkpoints(folder)] == good
