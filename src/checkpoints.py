@@ -147,6 +147,12 @@ class RunCheckpoint(ModelCheckpoint):
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint memory-mapped on the CPU (tensors are read only when touched), or raise one line."""
     path = Path(path)
+    if path.is_dir():
+        raise EngramError(
+            f"checkpoint {str(path)!r} is a folder of shards (FSDP's state_dict_type sharded, or "
+            "save_distributed_checkpoint true), which Engram cannot check or resume: it resumes full-state checkpoint "
+            "files, which configs/strategies/fsdp.yaml and fsdp2.yaml write. Give such a file, or start fresh."
+        )
     if not path.is_file():
         raise EngramError(f"checkpoint {str(path)!r} does not exist. Check --ckpt_path (or use --ckpt_path last).")
     try:

@@ -11,6 +11,9 @@ On top of Lightning this CLI
 * checks a ``--ckpt_path`` checkpoint against the configured model before anything runs (``src/checkpoints.py``)
   instead of letting its hyper-parameters replace the config, so ``config.yaml`` records what really runs;
 * guards every step against NaN/Inf (``callbacks/finite_guard.py``, ``--guard.*``);
+* logs ``perf/tokens_per_s`` and ``perf/mfu`` (``callbacks/throughput.py``, ``--throughput.*``), shows progress in
+  steps toward ``max_steps`` and validates once more at the last step (``callbacks/console.py``,
+  ``callbacks/final_validation.py``); TF32 matmuls on CUDA;
 * turns user mistakes (:class:`~src.errors.EngramError`, bad config keys, impossible trainer values) into one short
   line on stderr and exit code 2 (3 for a diverged run); library progress and info go to stdout;
 * removes a run directory it created when the run fails before its first optimizer step.
@@ -27,17 +30,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from jsonargparse import ArgumentError, Namespace
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from callbacks.console import StepBar, SummaryTable
 from callbacks.epoch_csv import EpochCSVCallback
+from callbacks.final_validation import FinalValidation
 from callbacks.finite_guard import FiniteGuard
 from callbacks.rng_state import RNGStateCallback
 from callbacks.telemetry import TelemetryCallback
+from callbacks.throughput import ThroughputCallback
 from data_modules.base import EngramDataModule
 from src.checkpoints import AtomicCheckpointIO, RunCheckpoint, check_fits, latest_checkpoint, read_checkpoint
 from src.errors import EngramError
@@ -115,6 +123,12 @@ def _check_values(cfg: Namespace) -> None:
 
 
 def _is_rank_zero() -> bool:
+    """Global rank zero, before Lightning sets ranks up: torchrun and srun start every process themselves (each
+    node's first has LOCAL_RANK 0), Lightning's own launcher starts the others with LOCAL_RANK/NODE_RANK set."""
+    if TorchElasticEnvironment.detect():
+        return os.environ.get("RANK", "0") == "0"
+    if SLURMEnvironment.detect():
+        return os.environ.get("SLURM_PROCID", "0") == "0"
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
@@ -169,6 +183,8 @@ class EngramCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(FiniteGuard, "guard")
+        # Before telemetry, so the stream's rows at a logging step carry that step's throughput.
+        parser.add_lightning_class_args(ThroughputCallback, "throughput")
         parser.add_lightning_class_args(TelemetryCallback, "telemetry")
         parser.add_lightning_class_args(EpochCSVCallback, "epoch_csv")
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
@@ -223,6 +239,8 @@ class EngramCLI(LightningCLI):
 
         hardware = resolve_hardware(trainer.accelerator, trainer.devices, trainer.strategy, trainer.precision)
         trainer.accelerator, trainer.precision = hardware.accelerator, hardware.precision
+        if hardware.accelerator == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in fp32
         if _is_rank_zero():
             print(hardware.summary(), flush=True)
 
@@ -279,8 +297,17 @@ class EngramCLI(LightningCLI):
         plugins = config.get("plugins") or []
         checkpoint_io = AtomicCheckpointIO(self.run_dir / CHECKPOINT_SUBDIR)
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), checkpoint_io]
-        callbacks = config.get("callbacks") or []
-        kwargs["callbacks"] = [*callbacks, RNGStateCallback(), LearningRateMonitor(logging_interval="step")]
+        callbacks = [
+            *(config.get("callbacks") or []),
+            RNGStateCallback(),
+            LearningRateMonitor(logging_interval="step"),
+            FinalValidation(),
+        ]
+        if config.get("enable_progress_bar") is not False:
+            callbacks.append(StepBar())
+        if config.get("enable_model_summary") is not False:
+            callbacks.append(SummaryTable())
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
 

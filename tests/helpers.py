@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 
 class KillAtStep(pl.Callback):
@@ -64,3 +67,37 @@ class PoisonGrads(pl.Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step in self.steps:
             next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("nan"))
+
+
+class RecordShards(pl.Callback):
+    """Writes ``<dir>/rank<k>.json``: the step training starts from, every training loss, and what the rank holds
+    at its first optimizer step (every parameter's local and global element count, whether it is a DTensor shard);
+    rank 0 also writes the full weights training starts from (gathered from the shards) to ``<dir>/start.pt``."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.record: dict = {"losses": []}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.record["start_step"] = trainer.global_step
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # a collective: every rank calls it
+        weights = get_model_state_dict(pl_module, options=options)
+        if trainer.is_global_zero:
+            torch.save(weights, Path(self.out_dir) / "start.pt")
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:  # type: ignore[no-untyped-def]
+        if "local" in self.record:
+            return
+        # After the backward every unit is resharded (the root unit stays gathered from a forward to its backward).
+        params = dict(pl_module.named_parameters())
+        self.record.update(
+            local={n: (p.to_local() if isinstance(p, DTensor) else p).numel() for n, p in params.items()},
+            full={n: p.numel() for n, p in params.items()},
+            dtensor={n: isinstance(p, DTensor) for n, p in params.items()},
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self.record["losses"].append(float(outputs["loss"]))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.record))

@@ -95,6 +95,7 @@ def _cases(w: dict[str, Path]) -> dict[str, tuple[list[str], list[str]]]:
     runs, files = str(w["runs"]), w["files"]
     gemma = ["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), "--run.root", runs, *QUIET]
     pg19 = ["fit", "--config", str(CONFIGS / "gemma.yaml"), "--model.init_args.preset", "gemma2-tiny",
+            "--model.init_args.compile", "false",
             "--trainer.accumulate_grad_batches", "1", "--data.init_args.seq_len", "64",
             "--data.init_args.num_workers", "0", "--run.root", runs, *QUIET]  # fmt: skip
     slim = [*gemma, "--data", "data_modules.slim_pile.SlimPileDataModule", "--data.init_args.seq_len", "64"]

@@ -55,7 +55,8 @@ def _smoke_overrides(config: Path, tmp_path: Path) -> list[str]:
     pg19 = ["--data.init_args.data_path", str(_pg19_parquet(tmp_path / "pg19")), "--data.init_args.seq_len", "64",
             "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0"]  # fmt: skip
     if config.name == "gemma.yaml":
-        return [*pg19, "--model.init_args.preset", "gemma2-tiny", "--trainer.accumulate_grad_batches", "1"]
+        return [*pg19, "--model.init_args.preset", "gemma2-tiny", "--trainer.accumulate_grad_batches", "1",
+                "--model.init_args.compile", "false"]  # fmt: skip
     if config.name == "ttt_pg19_baseline.yaml":
         return [*pg19, "--model.init_args.config_overrides", TINY_TTT]
     if config.name == "ttt_1b.yaml":
@@ -92,7 +93,7 @@ def test_every_config_prints(config: Path, capsys: pytest.CaptureFixture[str]) -
 
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_fragment_composes(fragment: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bases = {"loggers": "gemma_tiny.yaml", "emma_profiles": "emma_needle_256.yaml"}
+    bases = {"loggers": "gemma_tiny.yaml", "emma_profiles": "emma_needle_256.yaml", "strategies": "gemma_tiny.yaml"}
     base = CONFIGS / bases.get(fragment.parent.name, f"{fragment.parent.name}.yaml")
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(base), "--config", str(fragment), "--print_config"])

@@ -9,13 +9,25 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
 from src.checkpoints import IDENTITY_KEY, checkpoint_identity
 from src.errors import EngramError
+from src.flops import training_flops_per_token
 
 IGNORE_INDEX = -100
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter's name without the segments FSDP1 and its activation checkpointing insert."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def _loss_scaler(trainer: pl.Trainer) -> object | None:
+    return getattr(trainer.precision_plugin, "scaler", None)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -81,6 +93,9 @@ class EngramModule(pl.LightningModule):
         return None
 
     def setup(self, stage: str) -> None:
+        # Before any strategy wraps the module: FSDP1 flattens parameters into 1-d shards, which would put every
+        # matrix in the no-decay group of configure_optimizers.
+        self._matrix_names = {_unwrapped_name(n) for n, p in self.named_parameters() if p.ndim >= 2}
         datamodule = getattr(self.trainer, "datamodule", None)
         seq_len = getattr(datamodule, "seq_len", None)
         if seq_len is not None and self.max_context is not None and seq_len > self.max_context:
@@ -88,6 +103,11 @@ class EngramModule(pl.LightningModule):
                 f"data seq_len={seq_len} is longer than the model's context ({self.max_context} tokens). "
                 f"Set --data.init_args.seq_len {self.max_context} or less, or build a model with a longer context."
             )
+
+    def training_flops_per_token(self, seq_len: int) -> float:
+        """FLOPs per training token (``src.flops.CountsTrainingFlops``): the matmul count of the weights; families
+        with attention or an inner loop add theirs."""
+        return training_flops_per_token(self)
 
     def count_tokens(self, input_ids: torch.Tensor) -> None:
         """Call once per training batch: adds the batch's tokens over all ranks."""
@@ -102,15 +122,17 @@ class EngramModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
-        for param in self.parameters():
+        matrices = getattr(self, "_matrix_names", None)
+        for name, param in self.named_parameters():
             if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
+                is_matrix = _unwrapped_name(name) in matrices if matrices is not None else param.ndim >= 2
+                (decay if is_matrix else no_decay).append(param)
         groups = [
             {"params": decay, "weight_decay": self.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        # Lightning refuses gradient clipping with a fused optimizer under mixed precision.
-        fused = self.device.type == "cuda" and not self.trainer.gradient_clip_val
+        # Fused AdamW on CUDA, except where fp16's GradScaler and clipping meet (see configure_gradient_clipping).
+        fused = self.device.type == "cuda" and not (self.trainer.gradient_clip_val and _loss_scaler(self.trainer))
         optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(self.warmup_steps, max(1, total // 10)) if total > 0 else self.warmup_steps
@@ -118,6 +140,21 @@ class EngramModule(pl.LightningModule):
             optimizer, lambda step: warmup_cosine(step, warmup, total, self.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            # Lightning refuses to clip for a fused optimizer under any mixed precision, because fp16's GradScaler
+            # would unscale inside the fused step; bf16-mixed has no scaler, so the gradients are final here.
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 class LanguageModel(EngramModule):

@@ -8,12 +8,14 @@ from typing import Any
 import torch
 
 from src.errors import EngramError
+from src.flops import causal_attention_flops_per_token
 from src.lightning_modules.base import LanguageModel
 from src.models.components.linear_cross_entropy import chunked_linear_cross_entropy
 from src.models.hf_causal_lm import (
     PRESETS,
     apply_lora,
     build_causal_lm,
+    compile_layers,
     context_length,
     enable_activation_checkpointing,
 )
@@ -29,7 +31,8 @@ class CausalLM(LanguageModel):
         pretrained_path: local folder (or hub id) to load weights from instead of building from the preset.
         config_overrides: fields of the transformers config to change, e.g. ``{num_hidden_layers: 4}``.
         attn_implementation: force ``eager``/``sdpa``/``flash_attention_2``; default picks per architecture.
-        compile: wrap the network in ``torch.compile``.
+        compile: ``torch.compile`` each decoder layer (in place: parameter names and checkpoints stay those of the
+            plain model; one graph serves all layers) and the chunked loss; the first steps pay for compilation.
         gradient_checkpointing: recompute each layer's activations in the backward instead of keeping them
             (transformers' gradient checkpointing): much less memory for about a third more compute.
         loss_chunk_size: compute the training loss from the hidden states this many tokens at a time
@@ -83,13 +86,64 @@ class CausalLM(LanguageModel):
         self.loss_chunk_size = loss_chunk_size
         if gradient_checkpointing:
             enable_activation_checkpointing(self.model)
+        self.compiled = compile
         if compile:
-            self.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+            compile_layers(self.model)
         self.init_metrics(model_vocab)
 
     @property
     def max_context(self) -> int | None:
         return context_length(self.model.config)
+
+    def configure_model(self) -> None:
+        """Shard the network with FSDP2 when the strategy is Lightning's ``ModelParallelStrategy``
+        (``configs/strategies/fsdp2.yaml``); a no-op under every other strategy (FSDPStrategy wraps the module itself).
+
+        Each decoder layer (the classes transformers lists in ``_no_split_modules``: ``Gemma2DecoderLayer``,
+        ``LlamaDecoderLayer``, ``GPT2Block``) becomes one ``fully_shard`` unit, and the whole network (embeddings,
+        final norm, head: tied weights stay in one unit) the root. Lightning calls this hook once per stage.
+        """
+        mesh = self.device_mesh  # set by ModelParallelStrategy only
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+        if isinstance(self.model, FSDPModule):
+            return
+        if mesh["tensor_parallel"].size() != 1:
+            raise EngramError(
+                f"CausalLM shards with FSDP only and has no tensor-parallel plan, but the mesh is {tuple(mesh.shape)} "
+                "(data_parallel, tensor_parallel). Set --trainer.strategy.init_args.tensor_parallel_size 1 and "
+                "data_parallel_size to the number of processes (devices x nodes)."
+            )
+        if self.hparams.get("quantization") is not None:
+            raise EngramError(
+                "4-bit weights (model.init_args.quantization) cannot be sharded by FSDP2. Train QLoRA with ddp, or "
+                "set --model.init_args.quantization null."
+            )
+        data_parallel = mesh["data_parallel"]
+        layer_classes = set(getattr(_base_model(self.model), "_no_split_modules", None) or ())
+        layers = [m for m in self.model.modules() if type(m).__name__ in layer_classes]
+        if not layers:
+            raise EngramError(
+                f"found no decoder layers to shard in {type(_base_model(self.model)).__name__} (transformers names "
+                "none in _no_split_modules). Use ddp for this model."
+            )
+        for layer in layers:
+            fully_shard(layer, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
+        # The chunked loss reads the decoder and the head outside the network's forward; registered as a forward of
+        # the root unit, FSDP gathers the root's weights for it and reduces their gradients as for forward.
+        self.model.engram_chunked_loss = self._chunked_loss
+        register_fsdp_forward_method(self.model, "engram_chunked_loss")
+
+    def training_flops_per_token(self, seq_len: int) -> float:
+        config = self.model.config
+        heads = config.num_attention_heads
+        width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)  # Gemma-2: 8 x 256
+        return super().training_flops_per_token(seq_len) + causal_attention_flops_per_token(
+            config.num_hidden_layers, seq_len, width
+        )
 
     def lm_forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None
@@ -100,9 +154,18 @@ class CausalLM(LanguageModel):
     def lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.loss_chunk_size is None:
             return super().lm_loss(input_ids, labels)
+        # Sharded with FSDP2 (configure_model), the same method runs as a registered forward of the root unit.
+        return getattr(self.model, "engram_chunked_loss", self._chunked_loss)(input_ids, labels)
+
+    def _chunked_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         hidden = self.model.get_decoder()(input_ids=input_ids).last_hidden_state
         head = self.model.get_output_embeddings()
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         return chunked_linear_cross_entropy(
-            hidden[:, :-1], head.weight, labels[:, 1:], head.bias, softcap, self.loss_chunk_size
+            hidden[:, :-1], head.weight, labels[:, 1:], head.bias, softcap, self.loss_chunk_size, self.compiled
         )
+
+
+def _base_model(model: Any) -> Any:
+    """The transformers model under a peft adapter (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -20,7 +20,9 @@ import tempfile
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from src.errors import EngramError
 
@@ -102,14 +104,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def attn_implementation_for(model_type: str, requested: str | None = None) -> str:
-    """Pick the attention kernel: Gemma-2 needs ``eager`` (its logit soft-capping is not in SDPA) unless flash-attn
-    is installed; other families use flash_attention_2 when flash-attn is importable and SDPA otherwise."""
+    """Pick the attention kernel: flash_attention_2 where flash-attn is installed (it has Gemma-2's soft-capping);
+    else SDPA, except for Gemma-2, whose attention-logit soft-capping SDPA cannot apply: it gets PyTorch's
+    flex_attention on CUDA (a fused kernel with the cap as a score modifier, no ``[T, T]`` score tensors) and eager
+    attention on other devices, where compiling flex_attention would cost more than it saves at test sizes."""
     if requested:
         return requested
-    has_flash = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
-    if has_flash:
+    if not torch.cuda.is_available():
+        return "eager" if model_type == "gemma2" else "sdpa"
+    if importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "eager" if model_type == "gemma2" else "sdpa"
+    return "flex_attention" if model_type == "gemma2" else "sdpa"
 
 
 def preset_config(preset: str, overrides: dict[str, Any] | None = None) -> PretrainedConfig:
@@ -190,6 +195,16 @@ def build_causal_lm(
         return _load_quantized(folder, bnb, attn)
 
 
+def count_4bit_linears(model: nn.Module) -> int:
+    """bitsandbytes ``Linear4bit`` layers in ``model``. By class, not by name: peft's LoRA wrapper around one is also
+    called ``Linear4bit``, so counting names counts every adapted projection twice."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return 0
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
 def apply_lora(model: PreTrainedModel, lora: dict[str, Any], quantized: bool) -> Any:
     """Wrap ``model`` in a peft LoRA adapter (``LoraConfig`` fields; ``task_type`` defaults to ``CAUSAL_LM``).
 
@@ -206,7 +221,7 @@ def apply_lora(model: PreTrainedModel, lora: dict[str, Any], quantized: bool) ->
     peft_model.train()
     if os.environ.get("LOCAL_RANK", "0") == "0":
         trainable, total = peft_model.get_nb_trainable_parameters()
-        four_bit = sum(type(m).__name__ == "Linear4bit" for m in peft_model.modules())
+        four_bit = count_4bit_linears(peft_model)
         print(
             f"[engram] LoRA: {trainable:,} trainable of {total:,} parameters; {four_bit} Linear4bit layers "
             f"(4-bit weights: {bool(getattr(model, 'is_loaded_in_4bit', False))})",
@@ -223,6 +238,14 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def compile_layers(model: nn.Module) -> None:
+    """``torch.compile`` every decoder layer in place (torchtitan's per-block compile): the layers share one graph,
+    compilation stays short, and activation checkpointing wraps the compiled layers unchanged."""
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.compile()
 
 
 def is_activation_checkpointing(model: Any) -> bool:
