@@ -132,7 +132,6 @@ def cli_args(args: argparse.Namespace, run_root: str) -> list[str]:
         "--trainer.enable_model_summary", "false",
         "--trainer.callbacks", json.dumps(chrono),  # replaces the config's list (its cadences are test-size)
         f"--trainer.callbacks+={json.dumps(probe)}",
-        "--telemetry.every_n_steps", "10",
         "--checkpoint.every_n_train_steps", "500",
     ]  # fmt: skip
 

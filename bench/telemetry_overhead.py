@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks.cap_gauge import CapGauge
 from callbacks.mem_absorption import MemAbsorption
-from callbacks.telemetry import TelemetryCallback
 from callbacks.weight_delta import WeightDelta
 from data_modules.embedded import EmbeddedDataModule
 from src.lightning_modules import CausalLM
+from src.telemetry import TelemetryLogger
 
 
 class StepTimer(pl.Callback):
@@ -75,6 +75,7 @@ def mean_step_time(args: argparse.Namespace, hooks: bool) -> tuple[float, int]:
     gauge = CapGauge(every_n_steps=args.cap_every, canary_length=min(64, args.seq_len), verbose=False)
     chrono = [gauge, WeightDelta(every_n_steps=args.delta_every), MemAbsorption(verbose=False)] if hooks else []
     with tempfile.TemporaryDirectory() as run_dir:
+        telemetry = TelemetryLogger(run_dir)
         trainer = pl.Trainer(
             default_root_dir=run_dir,
             accelerator="gpu" if args.device == "cuda" else "cpu",
@@ -82,12 +83,14 @@ def mean_step_time(args: argparse.Namespace, hooks: bool) -> tuple[float, int]:
             precision="bf16-mixed" if args.device == "cuda" else "32-true",
             max_steps=args.steps,
             limit_val_batches=0,
-            logger=False,
+            logger=[telemetry],
+            log_every_n_steps=10,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[TelemetryCallback(every_n_steps=10), timer, *chrono],
+            callbacks=[timer, *chrono],
         )
+        telemetry.bind(trainer)
         trainer.fit(model, datamodule=data)
     measured = sum(m.step > args.warmup for m in gauge.history) if hooks else 0
     return (timer.end - timer.start) / (args.steps - args.warmup), measured

@@ -46,7 +46,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from callbacks.telemetry import telemetry_of
 from data_modules.canaries import CanarySet, mix_canaries
 from src.analysis.capacity import (
     alert_threshold,
@@ -56,6 +55,7 @@ from src.analysis.capacity import (
     weight_bits,
 )
 from src.errors import EngramError
+from src.telemetry import log_scalars
 
 log = logging.getLogger("engram.cap_gauge")
 
@@ -266,16 +266,11 @@ class CapGauge(pl.Callback):
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, m: CapMeasurement) -> None:
         metrics = m.metrics()
-        rows = [(name, value, None, None, None) for name, value in metrics.items()]
         if m.alert:
-            rows.append(("capgauge/alert", m.bpp_seen, None, None, None))
-        stream = telemetry_of(trainer)
-        if stream is not None:
-            stream.emit_rows(trainer, pl_module, rows)
+            metrics["capgauge/alert"] = m.bpp_seen
+        log_scalars(trainer, metrics)
         if not trainer.is_global_zero:
             return
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=m.step)
         if self.verbose:
             print(
                 f"[cap-gauge] step={m.step} tokens={m.tokens} wall={time.monotonic() - self._start_time:.0f}s "

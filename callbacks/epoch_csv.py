@@ -25,10 +25,33 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from callbacks.telemetry import logged_scalars, step_scalars
 from src.atomic import atomic_write
 
 EPOCH_CSV_FILENAME = "per_epoch.csv"
+EVAL_PREFIXES = ("val/", "test/")
+
+
+def step_scalars(metrics: dict[str, object]) -> dict[str, torch.Tensor]:
+    """The training scalars of the last step, from ``trainer.callback_metrics``: everything the module and its
+    callbacks logged (``train/...``, family telemetry such as ``emma/...``, ``gate/...``) minus eval metrics and
+    epoch aggregates. A value logged with both ``on_step`` and ``on_epoch`` appears as ``name_step``; it is
+    returned as ``name``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in metrics.items():
+        if name.startswith(EVAL_PREFIXES) or name.endswith("_epoch"):
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[name.removesuffix("_step")] = value.reshape(())
+    return out
+
+
+def logged_scalars(metrics: dict[str, object], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The scalars under ``prefix`` (``val/``, ``test/``; all by default) in ``trainer.callback_metrics``."""
+    return {
+        name: value
+        for name, value in metrics.items()
+        if name.startswith(prefix) and isinstance(value, torch.Tensor) and value.numel() == 1
+    }
 
 
 class _Spread:

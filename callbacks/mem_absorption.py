@@ -38,9 +38,9 @@ import lightning.pytorch as pl
 import torch
 
 from callbacks.cap_gauge import CapGauge, CapMeasurement
-from callbacks.telemetry import telemetry_of
 from src.analysis.capacity import SpikeDetector
 from src.errors import EngramError
+from src.telemetry import log_scalars
 
 
 class MemAbsorption(pl.Callback):
@@ -71,14 +71,6 @@ class MemAbsorption(pl.Callback):
             raise EngramError("MemAbsorption reads the Cap-Gauge's measurements: add callbacks.cap_gauge.CapGauge.")
         gauges[0].add_listener(self._on_measurement)
 
-    def _emit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]) -> None:
-        stream = telemetry_of(trainer)
-        if stream is not None:
-            stream.emit_rows(trainer, pl_module, [(k, v, None, None, None) for k, v in metrics.items()])
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-
     def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, m: CapMeasurement) -> None:
         previous, self.previous = self.previous, (m.tokens, m.bits_diff)
         if previous is None or m.tokens <= previous[0]:
@@ -89,7 +81,7 @@ class MemAbsorption(pl.Callback):
         metrics = {"mem_absorption/rate": rate, "mem_absorption/spike": float(spike)}
         if z is not None:
             metrics["mem_absorption/zscore"] = z
-        self._emit(trainer, pl_module, metrics)
+        log_scalars(trainer, metrics)
         if spike and self.verbose and trainer.is_global_zero:
             print(f"[mem-absorption] spike at step {m.step}: {rate:,.1f} bits/Mtok (z={z:.1f})", flush=True)
 
@@ -109,7 +101,7 @@ class MemAbsorption(pl.Callback):
         gap = float(val) - train
         tokens = int(getattr(pl_module, "tokens_seen", 0))
         self.gaps.append({"step": trainer.global_step, "tokens": tokens, "gen_gap": gap})
-        self._emit(trainer, pl_module, {"mem_absorption/gen_gap": gap})
+        log_scalars(trainer, {"mem_absorption/gen_gap": gap})
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -22,10 +22,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from callbacks.telemetry import telemetry_of
 from src.analysis.buckets import label_batch, load_stopwords
 from src.analysis.plasticity import analyse, build_tables, read_tables, telemetry_rows, write_tables
 from src.errors import EngramError
+from src.protocols import CapturesPlasticity
+from src.telemetry import log_rows
 
 
 class PlasticityCallback(pl.Callback):
@@ -60,7 +61,7 @@ class PlasticityCallback(pl.Callback):
 
     # --- plumbing ---------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not (hasattr(pl_module, "set_capture") and hasattr(pl_module, "plasticity_records")):
+        if not isinstance(pl_module, CapturesPlasticity):
             raise EngramError(
                 f"PlasticityCallback needs a model with a plasticity hook (TTT family); {type(pl_module).__name__} "
                 "has none. Remove the callback from trainer.callbacks or use src.lightning_modules.TTTLM."
@@ -74,15 +75,15 @@ class PlasticityCallback(pl.Callback):
         return Path(trainer.default_root_dir) / "plasticity" / stage
 
     def _arm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.set_capture(True)  # type: ignore[operator]
+        pl_module.set_capture(True)
         self._armed = True
         self._step = trainer.global_step  # the step whose forward is captured (before its optimizer update)
 
     def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict, stage: str, index: int) -> None:
         if not self._armed:
             return
-        records = pl_module.plasticity_records()  # type: ignore[operator]
-        pl_module.set_capture(False)  # type: ignore[operator]
+        records = pl_module.plasticity_records()
+        pl_module.set_capture(False)
         self._armed = False
         n = min(self.max_sequences, batch["input_ids"].shape[0])
         input_ids = batch["input_ids"][:n].cpu()
@@ -99,9 +100,7 @@ class PlasticityCallback(pl.Callback):
             return
         path = self._out_dir(trainer, stage) / f"step{self._step:07d}_batch{index:04d}.parquet"
         self.tables.setdefault(stage, []).append(write_tables(token_df, minibatch_df, path))
-        stream = telemetry_of(trainer)
-        if stream is not None:
-            stream.emit_rows(trainer, pl_module, telemetry_rows(token_df, minibatch_df))
+        log_rows(trainer, telemetry_rows(token_df, minibatch_df), step=self._step)
         if stage == "predict":  # Lightning does not log from predict
             return
         for bucket, value in token_df.groupby("bucket")["grad_norm"].mean().items():

@@ -25,7 +25,6 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.telemetry import telemetry_of
 from src.analysis.temporal_lora import (
     TAIL_WINDOW,
     fatigue_analysis,
@@ -35,6 +34,7 @@ from src.analysis.temporal_lora import (
     route_traces,
 )
 from src.errors import EngramError
+from src.telemetry import log_rows
 
 ANALYSIS_SUBDIR = "analysis"
 
@@ -149,9 +149,7 @@ class TemporalLoRAAnalysis(pl.Callback):
                 ]
         finally:
             pl_module.train(was_training)
-        stream = telemetry_of(trainer)
-        if stream is not None:
-            stream.emit_rows(trainer, pl_module, rows)
+        log_rows(trainer, rows)
         rank_zero_info(f"[engram] Temporal LoRA hysteresis and fatigue written to {out_dir}")
         return results
 

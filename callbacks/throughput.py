@@ -4,7 +4,7 @@
 Lightning's :class:`~lightning.fabric.utilities.throughput.Throughput` does the windowed rates; this callback feeds it
 at each logging step (``trainer.log_every_n_steps``): the wall time (after a CUDA synchronize, so queued kernels are
 counted), the tokens trained (``pl_module.tokens_seen``, all ranks) and the FLOPs they cost from the module's
-:class:`~src.flops.CountsTrainingFlops` hook. The peak comes from :func:`src.flops.dense_peak_flops` or
+:class:`~src.protocols.CountsTrainingFlops` hook. The peak comes from :func:`src.flops.dense_peak_flops` or
 ``peak_flops``; where neither knows the device (CPUs), ``perf/mfu`` is left out. Values go through ``pl_module.log``,
 so the CSV logger, any other logger and the telemetry stream all receive them.
 
@@ -23,7 +23,8 @@ import torch
 from lightning.fabric.utilities.throughput import Throughput
 
 from src.errors import EngramError
-from src.flops import CountsTrainingFlops, dense_peak_flops
+from src.flops import dense_peak_flops
+from src.protocols import CountsTrainingFlops
 
 _COMPUTE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
 

@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import yaml
 
 from callbacks.cap_gauge import CapGauge, CapMeasurement
-from callbacks.telemetry import logged_scalars, telemetry_of
 from src.atomic import remove_stale_temporaries
 from src.errors import EngramError
 from src.frozen import CHECKPOINT_NAME, staged_freeze
+from src.telemetry import log_scalars
 
 TOKEN_DIR = "checkpoints/tokens"
 _NAME = re.compile(r"tokens-(\d+)-step-(\d+)\.ckpt")
@@ -51,7 +52,11 @@ def token_checkpoints(folder: str | Path) -> list[Path]:
 
 def _metrics_now(trainer: pl.Trainer) -> dict[str, float]:
     """The logged scalars and the Cap-Gauge's latest measurement, for a frozen checkpoint's manifest."""
-    metrics = {name: value.item() for name, value in logged_scalars(trainer.callback_metrics).items()}
+    metrics = {
+        name: value.item()
+        for name, value in trainer.callback_metrics.items()
+        if isinstance(value, torch.Tensor) and value.numel() == 1
+    }
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, CapGauge) and callback.history:
             metrics.update(callback.history[-1].metrics())
@@ -127,7 +132,7 @@ class TokenCheckpoints(pl.Callback):
         if trainer.is_global_zero:
             for old in token_checkpoints(folder)[: -self.keep_last]:
                 old.unlink()
-            self._emit(trainer, pl_module, "token_checkpoints/saved", float(tokens))
+            log_scalars(trainer, {"token_checkpoints/saved": float(tokens)})
         return target
 
     def freeze(
@@ -156,7 +161,7 @@ class TokenCheckpoints(pl.Callback):
             trainer.save_checkpoint(stage.folder / CHECKPOINT_NAME, weights_only=False)
         assert stage.path is not None
         self.frozen.append({"tag": stage.path.name, "reason": reason, "step": trainer.global_step, "tokens": tokens})
-        self._emit(trainer, pl_module, "token_checkpoints/frozen", float(tokens))
+        log_scalars(trainer, {"token_checkpoints/frozen": float(tokens)})
         print(f"[token-checkpoints] froze {stage.path} ({reason}, step {trainer.global_step}, {tokens:,} tokens)")
         return stage.path
 
@@ -171,11 +176,6 @@ class TokenCheckpoints(pl.Callback):
             "model": {"class": type(pl_module).__name__, **dict(pl_module.hparams)},
             "data": {"class": type(datamodule).__name__, **dict(getattr(datamodule, "hparams", {}))},
         }
-
-    def _emit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, metric: str, value: float) -> None:
-        stream = telemetry_of(trainer)
-        if stream is not None:
-            stream.emit_rows(trainer, pl_module, [(metric, value, None, None, None)])
 
     # --- triggers -------------------------------------------------------------------------------------------
     def _command_tag(self, trainer: pl.Trainer) -> str | None:

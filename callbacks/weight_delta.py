@@ -32,9 +32,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from callbacks.telemetry import telemetry_of
 from src.atomic import atomic_write
 from src.errors import EngramError
+from src.telemetry import log_rows, log_scalars
 
 GROUPS = ("embeddings", "attention", "mlp", "norms", "other")
 INIT_FILENAME = "weight_delta_init.pt"
@@ -213,12 +213,8 @@ class WeightDelta(pl.Callback):
             for metric, value in metrics.items()
         ]
         rows.append(("weight_delta/interval_steps", float(interval), None, None, None))
-        stream = telemetry_of(trainer)
-        if stream is not None:
-            stream.emit_rows(trainer, pl_module, rows)
-        logged = {name: value for name, value, layer, _, _ in rows if layer is None}
-        for logger in trainer.loggers:
-            logger.log_metrics(logged, step=trainer.global_step)
+        log_scalars(trainer, {name: value for name, value, layer, _, _ in rows if layer is None})
+        log_rows(trainer, [row for row in rows if row[2] is not None])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
         step = trainer.global_step

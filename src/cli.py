@@ -44,7 +44,6 @@ from callbacks.epoch_csv import EpochCSVCallback
 from callbacks.final_validation import FinalValidation
 from callbacks.finite_guard import FiniteGuard
 from callbacks.rng_state import RNGStateCallback
-from callbacks.telemetry import TelemetryCallback
 from callbacks.throughput import ThroughputCallback
 from data_modules.base import EngramDataModule
 from src.checkpoints import AtomicCheckpointIO, RunCheckpoint, check_fits, latest_checkpoint, read_checkpoint
@@ -60,6 +59,7 @@ from src.runs import (
     resolve_run_dir,
     writable_folder,
 )
+from src.telemetry import TelemetryLogger
 
 _LOGGERS_WITH_SAVE_DIR = ("WandbLogger", "TensorBoardLogger")
 RUN_DIR_PLACEHOLDER = "{run_dir}"  # a logger's save_dir written like this in YAML means "this run's directory"
@@ -183,9 +183,7 @@ class EngramCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(FiniteGuard, "guard")
-        # Before telemetry, so the stream's rows at a logging step carry that step's throughput.
         parser.add_lightning_class_args(ThroughputCallback, "throughput")
-        parser.add_lightning_class_args(TelemetryCallback, "telemetry")
         parser.add_lightning_class_args(EpochCSVCallback, "epoch_csv")
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
@@ -293,7 +291,9 @@ class EngramCLI(LightningCLI):
             if isinstance(user_loggers, list)
             else [user_loggers]
         )
-        kwargs["logger"] = [RunCSVLogger(self.run_dir), *loggers] if user_loggers is not False else False
+        # The run's own two files: metrics.csv and the telemetry stream, both stepped by trainer.global_step.
+        run_loggers = [RunCSVLogger(self.run_dir), TelemetryLogger(self.run_dir)]
+        kwargs["logger"] = [*run_loggers, *loggers] if user_loggers is not False else False
         plugins = config.get("plugins") or []
         checkpoint_io = AtomicCheckpointIO(self.run_dir / CHECKPOINT_SUBDIR)
         kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), checkpoint_io]
@@ -308,7 +308,11 @@ class EngramCLI(LightningCLI):
         if config.get("enable_model_summary") is not False:
             callbacks.append(SummaryTable())
         kwargs["callbacks"] = callbacks
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if user_loggers is not False:
+            for logger in run_loggers:
+                logger.bind(trainer)
+        return trainer
 
 
 def _short_parse_error(text: str) -> str:

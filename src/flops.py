@@ -14,8 +14,6 @@ and has no H200 entry, so those chips get their dense datasheet numbers here and
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch import nn
@@ -27,11 +25,15 @@ _HOPPER_DENSE = {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tf32": 494.
 def matmul_parameters(module: nn.Module) -> tuple[int, int]:
     """``(trained, frozen)`` parameter counts of the weights that take part in matmuls: every parameter except
     embedding tables, unless an embedding's weight is also a linear layer's (a tied output head)."""
-    linear_weights = {id(m.weight) for m in module.modules() if isinstance(m, nn.Linear)}
+    # Parameters through .parameters(), never the .weight attribute: under a parametrization (spectral norm in a
+    # DEQ) reading .weight computes it, and a training-mode spectral norm would take a power-iteration step.
+    in_linears = {id(p) for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
     lookups = {
-        id(m.weight)
+        id(p)
         for m in module.modules()
-        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and id(m.weight) not in linear_weights
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag)
+        for p in m.parameters()
+        if id(p) not in in_linears
     }
     trained = frozen = 0
     for param in module.parameters():  # each shared parameter once
@@ -67,12 +69,3 @@ def dense_peak_flops(device: torch.device, compute_dtype: torch.dtype) -> float 
         return _HOPPER_DENSE.get(key)
     peak = get_available_flops(device, compute_dtype)
     return float(peak) if peak else None
-
-
-@runtime_checkable
-class CountsTrainingFlops(Protocol):
-    """A LightningModule that can say what one training token costs, for throughput and MFU."""
-
-    def training_flops_per_token(self, seq_len: int) -> float:
-        """FLOPs of one token's forward and backward in a batch of ``seq_len``-token sequences."""
-        ...

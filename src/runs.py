@@ -23,8 +23,10 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 
 from src.errors import EngramError
+from src.telemetry import TrainerStep
 
 RUN_DIR_ENV = "ENGRAM_RUN_DIR"
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -111,11 +113,16 @@ class _AppendingWriter(ExperimentWriter):
             self.metrics_keys = sorted(header)
 
 
-class RunCSVLogger(CSVLogger):
-    """``CSVLogger`` writing ``<run_dir>/metrics.csv`` directly and appending across resumes."""
+class RunCSVLogger(TrainerStep, CSVLogger):
+    """``CSVLogger`` writing ``<run_dir>/metrics.csv`` directly and appending across resumes; its ``step`` column is
+    ``trainer.global_step`` once bound (:class:`~src.telemetry.TrainerStep`), as in ``telemetry.jsonl``."""
 
     def __init__(self, run_dir: str | Path) -> None:
         super().__init__(save_dir=str(run_dir), name="", version="")
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics, self.trainer_step(step))
 
     @property
     def experiment(self) -> ExperimentWriter:

@@ -15,9 +15,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from callbacks.telemetry import TelemetryCallback
 from data_modules.canaries import SyntheticCapacityDataModule
 from src.lightning_modules import CausalLM
+from src.telemetry import TelemetryLogger
 
 SEQ_LEN, VOCAB, BATCH = 16, 16, 8
 TOKENS_PER_STEP = SEQ_LEN * BATCH
@@ -47,19 +47,21 @@ def fit(
     **trainer_args: Any,
 ) -> pl.Trainer:
     """Train (default: the tiny model on the tiny data) from scratch or ``ckpt_path``, telemetry in ``run_dir``."""
-    trainer_args = {"limit_val_batches": 0, **trainer_args}
+    trainer_args = {"limit_val_batches": 0, "log_every_n_steps": 1, **trainer_args}
+    telemetry = TelemetryLogger(run_dir)
     trainer = pl.Trainer(
         default_root_dir=str(run_dir),
         max_steps=max_steps,
         accelerator="cpu",
-        callbacks=[TelemetryCallback(every_n_steps=1), *callbacks],
-        logger=False,
+        callbacks=callbacks,
+        logger=[telemetry],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         plugins=plugins,
         **trainer_args,
     )
+    telemetry.bind(trainer)
     trainer.fit(model or tiny_model(), datamodule=data or tiny_data(), ckpt_path=ckpt_path)
     return trainer
 

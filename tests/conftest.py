@@ -14,6 +14,31 @@ from tests.cli_forkserver import CLIServer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+# A few steps with validation and every log line; FAST[2:] leaves max_steps to the test.
+FAST = [
+    "--trainer.max_steps", "4",
+    "--trainer.val_check_interval", "2",
+    "--trainer.limit_val_batches", "1",
+    "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+def error_line_of(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the CLI in-process on arguments that must fail: exit code 2, no traceback, exactly one ``error:`` line
+    (library progress output may come before it), which is returned."""
+    from src.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err.strip()
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

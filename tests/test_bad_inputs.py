@@ -136,7 +136,6 @@ def _cases(w: dict[str, Path]) -> dict[str, tuple[list[str], list[str]]]:
             ["checkpoint.every_n_train_steps"],
         ),
         "bad-save-top-k": ([*gemma, "--checkpoint.save_top_k", "-2"], ["checkpoint.save_top_k"]),
-        "zero-telemetry-interval": ([*gemma, "--telemetry.every_n_steps", "0"], ["telemetry.every_n_steps"]),
         "negative-skips": ([*gemma, "--guard.max_consecutive_skips", "-1"], ["guard.max_consecutive_skips"]),
         "no-cuda": ([*gemma, "--trainer.accelerator", "cuda"], ["accelerator=cuda"]),
         # run directories

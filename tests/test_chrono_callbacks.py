@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader
 
 from callbacks.cap_gauge import CapGauge, post_webhook
 from callbacks.mem_absorption import MemAbsorption
-from callbacks.telemetry import TelemetryCallback
 from callbacks.token_checkpoints import TOKEN_DIR, token_checkpoints
 from callbacks.weight_delta import WeightDelta, layer_index, parameter_group
 from data_modules.canaries import CanaryMixDataset
@@ -31,7 +30,7 @@ from src.cli import main
 from src.errors import EngramError
 from src.frozen import frozen_entries
 from src.lightning_modules import CausalLM
-from src.telemetry import read_events
+from src.telemetry import TelemetryLogger, read_events
 from tests.chrono_tiny import fit
 from tests.conftest import CONFIGS
 
@@ -97,16 +96,18 @@ def _hand_relative(now: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], n
 
 def test_weight_delta_matches_a_hand_computation(tmp_path: Path) -> None:
     snapshots = Snapshots()
+    telemetry = TelemetryLogger(tmp_path)
     trainer = pl.Trainer(
         default_root_dir=str(tmp_path),
         max_steps=6,
         accelerator="cpu",
-        logger=False,
+        logger=[telemetry],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[snapshots, TelemetryCallback(), WeightDelta(every_n_steps=3)],
+        callbacks=[snapshots, WeightDelta(every_n_steps=3)],
     )
+    telemetry.bind(trainer)
     data = DataLoader(torch.randint(0, 6, (12, 5), generator=torch.Generator().manual_seed(1)), batch_size=2)
     trainer.fit(Toy(), data)
 

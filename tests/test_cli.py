@@ -17,19 +17,10 @@ import yaml
 
 from src.cli import main
 from src.telemetry import read_events
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS, FAST, REPO, error_line_of
 
 TOP_LEVEL = sorted(CONFIGS.glob("*.yaml"))
 FRAGMENTS = sorted(p for p in CONFIGS.glob("*/*.yaml"))
-FAST = [
-    "--trainer.max_steps", "4",
-    "--trainer.val_check_interval", "2",
-    "--trainer.limit_val_batches", "1",
-    "--trainer.log_every_n_steps", "1",
-    "--telemetry.every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-]  # fmt: skip
 
 
 def _pg19_parquet(folder: Path, n_books: int = 6, chars: int = 6000) -> Path:
@@ -156,25 +147,14 @@ def test_loggers_write_into_the_run_directory(run_root: Path, monkeypatch: pytes
 
 
 # --- bad input: one short line naming the problem and the fix -------------------------------------------------
-def _error_of(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err.strip()
-    assert "Traceback" not in stderr
-    err = stderr.splitlines()[-1]  # progress output of libraries may come first
-    assert err.startswith("error: ")
-    return err
-
-
 def test_unknown_config_key(capsys: pytest.CaptureFixture[str], run_root: Path) -> None:
-    err = _error_of(["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), "--model.init_args.lrr", "0.1"], capsys)
+    err = error_line_of(["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), "--model.init_args.lrr", "0.1"], capsys)
     assert "Option 'lrr' is not accepted" in err and "--model.help" in err
 
 
 def test_missing_data_path(capsys: pytest.CaptureFixture[str], run_root: Path, tmp_path: Path) -> None:
     missing = tmp_path / "no_such_pg19"
-    err = _error_of(["fit", "--config", str(CONFIGS / "gemma.yaml"), "--model.init_args.preset", "gemma2-tiny",
+    err = error_line_of(["fit", "--config", str(CONFIGS / "gemma.yaml"), "--model.init_args.preset", "gemma2-tiny",
                      "--data.init_args.data_path", str(missing), "--run.root", str(run_root)], capsys)  # fmt: skip
     assert str(missing) in err and "data_path" in err
 
@@ -183,14 +163,14 @@ def test_empty_corpus(capsys: pytest.CaptureFixture[str], run_root: Path, tmp_pa
     books = tmp_path / "books"
     books.mkdir()
     (books / "empty.txt").write_text("")
-    err = _error_of(["fit", "--config", str(CONFIGS / "gemma.yaml"), "--model.init_args.preset", "gemma2-tiny",
+    err = error_line_of(["fit", "--config", str(CONFIGS / "gemma.yaml"), "--model.init_args.preset", "gemma2-tiny",
                      "--data.init_args.data_path", str(books), "--data.init_args.seq_len", "64",
                      "--data.init_args.num_workers", "0", "--run.root", str(run_root), *FAST], capsys)  # fmt: skip
     assert "empty" in err.lower() or "no text" in err.lower()
 
 
 def test_sequence_longer_than_context(capsys: pytest.CaptureFixture[str], run_root: Path) -> None:
-    err = _error_of(["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), "--data.init_args.seq_len", "1024",
+    err = error_line_of(["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), "--data.init_args.seq_len", "1024",
                      "--run.root", str(run_root), *FAST], capsys)  # fmt: skip
     assert "seq_len=1024 is longer than the model's context (512 tokens)" in err
     assert "--data.init_args.seq_len 512" in err
@@ -201,9 +181,9 @@ def test_corrupt_checkpoint(capsys: pytest.CaptureFixture[str], run_root: Path) 
     main([*args, "--trainer.max_steps", "2"])
     last = run_root / "gemma_tiny" / "v0" / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a write cut off half-way
-    err = _error_of([*args, "--ckpt_path", "last"], capsys)
+    err = error_line_of([*args, "--ckpt_path", "last"], capsys)
     assert str(last) in err and "corrupt or truncated" in err
-    err = _error_of([*args, "--ckpt_path", str(last)], capsys)
+    err = error_line_of([*args, "--ckpt_path", str(last)], capsys)
     assert "corrupt or truncated" in err
 
 
@@ -263,8 +243,8 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_directory(
     run_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), *FAST, "--run.root", str(run_root)]
-    _error_of([*args, "--data.init_args.seq_len", "1024"], capsys)  # fails in setup, after the trainer exists
+    error_line_of([*args, "--data.init_args.seq_len", "1024"], capsys)  # fails in setup, after the trainer exists
     assert not (run_root / "gemma_tiny").exists()
     main([*args, "--trainer.max_steps", "1"])
-    _error_of([*args, "--data.init_args.seq_len", "1024"], capsys)
+    error_line_of([*args, "--data.init_args.seq_len", "1024"], capsys)
     assert sorted(p.name for p in (run_root / "gemma_tiny").iterdir()) == ["v0"]  # v1 was removed, v0 kept

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_modules.domains import DomainSpec, DomainTextDataModule, compose_sequence, domain_documents, domain_files
+from data_modules.domains import DomainSpec, DomainTextDataModule, domain_documents, domain_files
 from src.errors import EngramError
+from src.splicing import compose_sequence
 
 
 def write_domain(folder: Path, letter: str, n_files: int = 30) -> Path:

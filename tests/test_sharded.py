@@ -28,31 +28,12 @@ from src.checkpoints import read_checkpoint
 from src.cli import main
 from src.errors import EngramError
 from src.hardware import resolve_hardware
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS, FAST, REPO, error_line_of
 
 FSDP = CONFIGS / "strategies" / "fsdp.yaml"
 FSDP2 = CONFIGS / "strategies" / "fsdp2.yaml"
 FSDP_CLASS = "lightning.pytorch.strategies.FSDPStrategy"
 FSDP2_CLASS = "lightning.pytorch.strategies.ModelParallelStrategy"
-QUICK = [
-    "--trainer.val_check_interval", "2",
-    "--trainer.limit_val_batches", "1",
-    "--trainer.log_every_n_steps", "1",
-    "--telemetry.every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-]  # fmt: skip
-
-
-def _error_of(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err.strip()
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 # --- the FSDP fragment (CUDA only) ------------------------------------------------------------------------------
@@ -83,11 +64,11 @@ def test_fsdp_fragment_parses_and_builds(capsys: pytest.CaptureFixture[str]) -> 
 def test_fsdp_on_the_cpu_is_one_line(capsys: pytest.CaptureFixture[str], run_root: Path) -> None:
     args = ["fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), "--trainer.accelerator", "cpu", "--run.root",
             str(run_root)]  # fmt: skip
-    err = _error_of([*args, "--config", str(FSDP), "--trainer.devices", "2"], capsys)
+    err = error_line_of([*args, "--config", str(FSDP), "--trainer.devices", "2"], capsys)
     assert "strategy=FSDPStrategy needs CUDA GPUs" in err and "configs/strategies/fsdp2.yaml" in err
-    err = _error_of([*args, "--trainer.strategy", "fsdp"], capsys)  # Lightning's name, one CPU process
+    err = error_line_of([*args, "--trainer.strategy", "fsdp"], capsys)  # Lightning's name, one CPU process
     assert "strategy=fsdp needs CUDA GPUs" in err
-    err = _error_of([*args, "--config", str(FSDP2), "--trainer.devices", "2"], capsys)
+    err = error_line_of([*args, "--config", str(FSDP2), "--trainer.devices", "2"], capsys)
     assert "data_parallel_size 2" in err
     assert not any(run_root.iterdir())
 
@@ -162,7 +143,7 @@ def _fit(
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "src.cli", "fit", "--config", str(CONFIGS / "gemma_tiny.yaml"), *strategy,
-         "--config", str(overrides), *QUICK, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+         "--config", str(overrides), *FAST[2:], "--trainer.accelerator", "cpu", "--trainer.devices", "2",
          "--model.init_args.loss_chunk_size", "64", "--run.root", str(run_root), *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -44,9 +44,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-from data_modules.domains import compose_sequence
 from src.atomic import atomic_write
 from src.errors import EngramError
+from src.splicing import compose_sequence
 
 SWITCH_THRESHOLD = 0.9
 CRYSTAL_THRESHOLD = 0.95

@@ -105,7 +105,7 @@ class EngramModule(pl.LightningModule):
             )
 
     def training_flops_per_token(self, seq_len: int) -> float:
-        """FLOPs per training token (``src.flops.CountsTrainingFlops``): the matmul count of the weights; families
+        """FLOPs per training token (``src.protocols.CountsTrainingFlops``): the matmul count of the weights; families
         with attention or an inner loop add theirs."""
         return training_flops_per_token(self)
 

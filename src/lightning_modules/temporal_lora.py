@@ -23,11 +23,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
-from callbacks.telemetry import telemetry_of
 from src.errors import EngramError
 from src.lightning_modules.base import EngramModule
 from src.models.temporal_lora import TemporalLoRA, TemporalLoRAConfig, routing_stats
 from src.runs import CHECKPOINT_SUBDIR, LAST_CHECKPOINT, latest_resumable
+from src.telemetry import log_scalars
 
 Stage = Literal["backbone", "adapters", "router"]
 STAGES: tuple[str, ...] = ("backbone", "adapters", "router")
@@ -266,11 +266,7 @@ class TemporalLoRALM(EngramModule):
         metrics = {f"calibration/offset/{n}": float(v) for n, v in zip(self.domains, offset, strict=True)}
         for key in ("balanced_mean_weight_before", "balanced_mean_weight_after"):
             metrics.update({f"calibration/{key}/{n}": v for n, v in zip(self.domains, report[key], strict=True)})
-        for logger in self.trainer.loggers:
-            logger.log_metrics(metrics, step=self.trainer.global_step)
-        stream = telemetry_of(self.trainer)
-        if stream is not None:
-            stream.emit_rows(self.trainer, self, [(k, v, None, None, None) for k, v in metrics.items()])
+        log_scalars(self.trainer, metrics)
         rank_zero_info(
             f"[engram] router calibrated on {len(chosen)} validation windows: offsets "
             f"{dict(zip(self.domains, (round(v, 4) for v in offset.tolist()), strict=True))}, balanced mean weight "
