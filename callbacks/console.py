@@ -25,6 +25,11 @@ log = logging.getLogger("lightning.pytorch.callbacks.model_summary")
 class StepBar(TQDMProgressBar):
     """Progress in optimizer steps toward ``trainer.max_steps``."""
 
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the loggers' versions joined ("_v0"); the run directory says it better
+        return metrics
+
     def _counts_steps(self, trainer: pl.Trainer) -> bool:
         return trainer.max_steps is not None and trainer.max_steps > 0
 
