@@ -6,7 +6,7 @@
 For each variant (plain; chunked loss; gradient checkpointing; both) it builds the ``CausalLM`` the CLI builds, on
 the device, and trains ``--steps`` steps (after one warm-up) on random tokens with fused AdamW (on CUDA) under bf16
 autocast where the device has it, as Lightning's ``bf16-mixed`` does. It prints tokens/s, MFU (6·N·tokens plus
-attention, 6·L·T²·d per sequence, against ``--peak-tflops``; 989 = dense bf16 of an H100/H200) and the peak memory
+attention, ``CausalLM.training_flops_per_token``, against ``--peak-tflops``; 989 = dense bf16 of an H100/H200) and the peak memory
 PyTorch allocated, or ``out of memory``. All variants run in one process, so their ratios are comparable.
 """
 
@@ -30,14 +30,6 @@ VARIANTS = {
     "checkpointing": {"gradient_checkpointing": True},
     "both": {"gradient_checkpointing": True, "loss_chunk_size": 4096},
 }
-
-
-def flops_per_step(model: CausalLM, batch: int, seq: int) -> float:
-    config = model.model.config
-    params = sum(p.numel() for p in model.parameters())
-    heads = config.num_attention_heads
-    width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)  # Gemma-2: 8 x 256, not 2304
-    return 6.0 * params * batch * seq + 6.0 * config.num_hidden_layers * seq * seq * width * batch
 
 
 def run(preset: str, options: dict, batch: int, seq: int, steps: int, device: torch.device, peak: float) -> str:
@@ -67,7 +59,7 @@ def run(preset: str, options: dict, batch: int, seq: int, steps: int, device: to
     except torch.OutOfMemoryError:
         return "out of memory"
     finally:
-        flops = flops_per_step(model, batch, seq)
+        flops = model.training_flops_per_token(seq) * batch * seq
         del model, optimizer
         gc.collect()
         if device.type == "cuda":

@@ -81,7 +81,7 @@ def test_flops_per_token_is_the_matmul_count_plus_causal_attention() -> None:
     assert matmul_parameters(untied)[0] == matmul_parameters(model)[0]  # the untied input table is a lookup
 
 
-def test_frozen_weights_cost_four_flops_per_token(tmp_path: Path) -> None:
+def test_frozen_weights_cost_four_flops_per_token() -> None:
     lora = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
     model = CausalLM(64, preset="llama-tiny", lora=lora)
     trained, frozen = matmul_parameters(model)

@@ -1,4 +1,5 @@
-"""Checks every model config dataclass runs when it is built (EMMA, Temporal LoRA, TTT).
+"""Checks every model config dataclass runs when it is built (EMMA, Temporal LoRA, TTT, Titans), and the preset
+mechanism of the configs whose presets are tables of field values (:class:`PresetConfig`).
 
 ``config_overrides`` is a free ``dict`` on the command line, so nothing checks its keys, types or ranges before the
 model is built; a bad value would surface as a traceback from deep inside torch or peft, or as a NaN some training
@@ -8,10 +9,11 @@ steps later (``readout_temperature: 0``). Here it is one line naming the key as 
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import fields, is_dataclass
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, Self, Union, get_args, get_origin, get_type_hints
 
 from src.errors import EngramError
 
@@ -27,6 +29,38 @@ RULES: dict[str, Callable[[float], bool]] = {
     "in (0, 1]": lambda v: 0 < v <= 1,
     "in [0, 1)": lambda v: 0 <= v < 1,
 }
+
+
+class PresetConfig:
+    """``from_name`` / ``from_dict`` / ``to_dict`` / ``replace`` for a config dataclass whose named presets
+    (``PRESETS``) hold field values; ``PRESET_FAMILY`` names the family in the error for an unknown preset. A family
+    whose presets depend on the overrides (TTT's inner learning rate) extends :meth:`preset_values`."""
+
+    PRESETS: ClassVar[Mapping[str, Mapping[str, Any]]]
+    PRESET_FAMILY: ClassVar[str]
+
+    @classmethod
+    def preset_values(cls, name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(cls.PRESETS[name])
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> Self:
+        """The preset ``name`` with optional field overrides."""
+        if name not in cls.PRESETS:
+            raise EngramError(f"unknown {cls.PRESET_FAMILY} preset {name!r}; choose one of {sorted(cls.PRESETS)}.")
+        return cls.from_dict({**cls.preset_values(name, overrides), **overrides})
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Self:
+        """Build from keyword values (e.g. a YAML block); unknown keys are an error that lists the valid ones."""
+        check_known(cls, values)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
 
 def check_known(cls: type, values: Mapping[str, Any], prefix: str = OVERRIDES_KEY) -> None:

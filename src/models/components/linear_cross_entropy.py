@@ -67,13 +67,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
         )
         total = hidden.new_zeros((), dtype=torch.float32)
+        # The head in the matmul dtype once, not once per chunk and product (autocast would cast it each time).
+        device = hidden.device.type
+        head = weight.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else weight
         for start in range(0, hidden.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
-            logits = F.linear(hidden[part], weight, bias)
+            logits = F.linear(hidden[part], head, bias)
             loss, grad = step(logits, labels[part], softcap)
             total += loss
             if grad_hidden is not None:
-                grad_hidden[part] = grad @ weight.to(grad.dtype)
+                grad_hidden[part] = grad @ head.to(grad.dtype)
             if grad_weight is not None:
                 grad_weight += (grad.t() @ hidden[part].to(grad.dtype)).float()
             if grad_bias is not None:

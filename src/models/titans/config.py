@@ -10,11 +10,11 @@ reads the memory fields. The preset sizes are *nominal* (Llama-style width x dep
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from src.errors import EngramError
-from src.models.config_checks import OVERRIDES_KEY, check_fields, check_known
+from src.models.config_checks import OVERRIDES_KEY, PresetConfig, check_fields
 
 PRESETS: dict[str, dict[str, int]] = {
     # Unit tests and CPU smoke runs.
@@ -39,8 +39,11 @@ RANGES = {
 
 
 @dataclass
-class TitansConfig:
+class TitansConfig(PresetConfig):
     """Hyper-parameters of the Titans memory (and, later, of the Titans LM). Defaults are the "titans-170m" width."""
+
+    PRESETS: ClassVar[dict[str, dict[str, int]]] = PRESETS
+    PRESET_FAMILY: ClassVar[str] = "Titans"
 
     vocab_size: int = 32000
     hidden_size: int = 768
@@ -82,22 +85,3 @@ class TitansConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> TitansConfig:
-        """A preset of :data:`PRESETS` (``titans-tiny``, ``titans-170m``, ...) with optional field overrides."""
-        if name not in PRESETS:
-            raise EngramError(f"unknown Titans preset {name!r}; choose one of {sorted(PRESETS)}.")
-        return cls.from_dict({**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TitansConfig:
-        """Build from keyword values (e.g. a YAML block); unknown keys are an error that lists the valid ones."""
-        check_known(cls, values)
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def replace(self, **changes: Any) -> TitansConfig:
-        return replace(self, **changes)

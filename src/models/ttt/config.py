@@ -9,11 +9,12 @@ Transformer backbone; the paper's headline "TTT-Linear (M)" model is the Mamba b
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from src.errors import EngramError
-from src.models.config_checks import OVERRIDES_KEY, check_fields, check_known
+from src.models.config_checks import OVERRIDES_KEY, PresetConfig, check_fields
 
 # Sizes of the official presets (ttt.py TTT_STANDARD_CONFIGS; the same numbers as ttt-lm-jax CONFIGS and Table 3 of
 # the paper). "1b" is the model the paper calls 1.3B. Everything else (vocab 32000, mini-batch 16, rope theta 1e4,
@@ -53,8 +54,11 @@ RANGES = {
 
 
 @dataclass
-class TTTConfig:
+class TTTConfig(PresetConfig):
     """Hyper-parameters of ``TTTForCausalLM``; defaults are the official ones (the 1.3B "1b" size)."""
+
+    PRESETS: ClassVar[dict[str, dict[str, int]]] = PRESETS
+    PRESET_FAMILY: ClassVar[str] = "TTT"
 
     vocab_size: int = 32000
     hidden_size: int = 2048
@@ -105,26 +109,9 @@ class TTTConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> TTTConfig:
-        """An official preset (``125m``, ``350m``, ``760m``, ``1b``) with optional field overrides.
-
-        When ``ttt_layer_type="mlp"`` is requested without an explicit ``ttt_base_lr``, the official TTT-MLP value
-        (0.1) is used instead of TTT-Linear's 1.0.
-        """
-        if name not in PRESETS:
-            raise EngramError(f"unknown TTT preset {name!r}; choose one of {sorted(PRESETS)}.")
-        values: dict[str, Any] = dict(PRESETS[name])
+    def preset_values(cls, name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """An official preset (``125m``, ``350m``, ``760m``, ``1b``). When ``ttt_layer_type="mlp"`` is requested
+        without an explicit ``ttt_base_lr``, the official TTT-MLP value (0.1) is used instead of TTT-Linear's 1.0."""
+        values = super().preset_values(name, overrides)
         values["ttt_base_lr"] = OFFICIAL_TTT_BASE_LR.get(overrides.get("ttt_layer_type", "linear"), 1.0)
-        return cls.from_dict({**values, **overrides})
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TTTConfig:
-        """Build from keyword values (e.g. a YAML block); unknown keys are an error that lists the valid ones."""
-        check_known(cls, values)
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def replace(self, **changes: Any) -> TTTConfig:
-        return replace(self, **changes)
+        return values
