@@ -1,5 +1,5 @@
-"""The speed paths of the causal-LM family change no number: compiled layers and the compiled chunked loss equal the
-eager model; flex_attention (Gemma-2's soft-capping as a score modifier) equals eager attention on CUDA. FLOP counting
+"""The speed paths of the causal-LM family change no number: compiled layers, the compiled chunked loss and the
+whole-model graph equal the eager model; flex_attention (Gemma-2's soft-capping as a score modifier) equals eager attention on CUDA. FLOP counting
 matches a hand count, and the CLI logs throughput, counts steps toward max_steps and validates at the last step."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from src.cli import main
+from src.errors import EngramError
 from src.flops import causal_attention_flops_per_token, matmul_parameters
 from src.lightning_modules import CausalLM
 from tests.conftest import CONFIGS
@@ -42,6 +43,33 @@ def test_compiled_layers_and_loss_equal_the_eager_model() -> None:
     compiled_layers = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert len(compiled_layers) == 2  # both decoder layers, nothing else
     _assert_same(results[1], results[0], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_chunk_size", [None, 16])
+def test_the_whole_model_graph_equals_the_eager_model(loss_chunk_size: int | None) -> None:
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # compiled RNG streams differ from eager
+    results = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = CausalLM(
+            64,
+            preset="gpt2-tiny",
+            config_overrides=no_dropout,
+            compile=compile,
+            compile_scope="model",
+            loss_chunk_size=loss_chunk_size,
+        )
+        results.append(_loss_and_grads(model, ids))
+    assert not [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]  # no layer alone
+    assert model._compiled_loss is not None  # the loss went through the one graph
+    _assert_same(results[1], results[0], rel=1e-4)
+
+
+def test_an_unknown_compile_scope_is_one_clear_line() -> None:
+    with pytest.raises(EngramError, match="compile_scope='graph' must be 'layers' or 'model'"):
+        CausalLM(64, preset="gpt2-tiny", compile=True, compile_scope="graph")  # type: ignore[arg-type]
 
 
 @pytest.mark.gpu

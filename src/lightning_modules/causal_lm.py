@@ -3,7 +3,7 @@ preset or loaded from a path, trained with next-token cross-entropy."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -31,8 +31,12 @@ class CausalLM(LanguageModel):
         pretrained_path: local folder (or hub id) to load weights from instead of building from the preset.
         config_overrides: fields of the transformers config to change, e.g. ``{num_hidden_layers: 4}``.
         attn_implementation: force ``eager``/``sdpa``/``flash_attention_2``; default picks per architecture.
-        compile: ``torch.compile`` each decoder layer (in place: parameter names and checkpoints stay those of the
-            plain model; one graph serves all layers) and the chunked loss; the first steps pay for compilation.
+        compile: ``torch.compile`` the model (parameter names and checkpoints stay those of the plain model); the
+            first steps pay for compilation.
+        compile_scope: what ``compile`` compiles. ``layers``: each decoder layer in place (one graph serves all
+            layers, so compilation stays short) and the chunked loss's softmax; ``model``: the whole training loss
+            (embeddings, layers, head and loss in one graph, fusing across layer boundaries: faster for small
+            models, longer to compile).
         gradient_checkpointing: recompute each layer's activations in the backward instead of keeping them
             (transformers' gradient checkpointing): much less memory for about a third more compute.
         loss_chunk_size: compute the training loss from the hidden states this many tokens at a time
@@ -56,6 +60,7 @@ class CausalLM(LanguageModel):
         config_overrides: dict[str, Any] | None = None,
         attn_implementation: str | None = None,
         compile: bool = False,
+        compile_scope: Literal["layers", "model"] = "layers",
         gradient_checkpointing: bool = False,
         loss_chunk_size: int | None = None,
         quantization: dict[str, Any] | None = None,
@@ -87,8 +92,14 @@ class CausalLM(LanguageModel):
         if gradient_checkpointing:
             enable_activation_checkpointing(self.model)
         self.compiled = compile
-        if compile:
+        if compile_scope not in ("layers", "model"):
+            raise EngramError(f"model.init_args.compile_scope={compile_scope!r} must be 'layers' or 'model'.")
+        self.compile_scope = compile_scope
+        if compile and compile_scope == "layers":
             compile_layers(self.model)
+        # The whole-loss graph is built lazily, on the first training step, so that it sees the final module (after
+        # Lightning's device move and any sharding).
+        self._compiled_loss: Any = None
         self.init_metrics(model_vocab)
 
     @property
@@ -152,6 +163,13 @@ class CausalLM(LanguageModel):
         return out.loss, out.logits
 
     def lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.compiled and self.compile_scope == "model":
+            if self._compiled_loss is None:
+                self._compiled_loss = torch.compile(self._uncompiled_loss)
+            return self._compiled_loss(input_ids, labels)
+        return self._uncompiled_loss(input_ids, labels)
+
+    def _uncompiled_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.loss_chunk_size is None:
             return super().lm_loss(input_ids, labels)
         # Sharded with FSDP2 (configure_model), the same method runs as a registered forward of the root unit.
@@ -161,8 +179,9 @@ class CausalLM(LanguageModel):
         hidden = self.model.get_decoder()(input_ids=input_ids).last_hidden_state
         head = self.model.get_output_embeddings()
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        compile_chunks = self.compiled and self.compile_scope == "layers"  # in a whole-model graph it is traced anyway
         return chunked_linear_cross_entropy(
-            hidden[:, :-1], head.weight, labels[:, 1:], head.bias, softcap, self.loss_chunk_size, self.compiled
+            hidden[:, :-1], head.weight, labels[:, 1:], head.bias, softcap, self.loss_chunk_size, compile_chunks
         )
 
 
