@@ -1,6 +1,6 @@
 """The speed paths of the causal-LM family change no number: compiled layers, the compiled chunked loss and the
-whole-model graph equal the eager model; flex_attention (Gemma-2's soft-capping as a score modifier) equals eager attention on CUDA. FLOP counting
-matches a hand count, and the CLI logs throughput, counts steps toward max_steps and validates at the last step."""
+whole-model graph equal the eager model; flex_attention (Gemma-2's soft-capping as a score modifier) equals eager
+attention on CUDA. FLOP counting matches a hand count, and the CLI logs throughput, counts steps toward max_steps and validates at the last step."""
 
 from __future__ import annotations
 

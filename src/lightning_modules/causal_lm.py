@@ -91,15 +91,14 @@ class CausalLM(LanguageModel):
         self.loss_chunk_size = loss_chunk_size
         if gradient_checkpointing:
             enable_activation_checkpointing(self.model)
-        self.compiled = compile
         if compile_scope not in ("layers", "model"):
             raise EngramError(f"model.init_args.compile_scope={compile_scope!r} must be 'layers' or 'model'.")
-        self.compile_scope = compile_scope
-        if compile and compile_scope == "layers":
+        # Per layer, the chunked loss's softmax is compiled too; in the whole-loss graph it is traced with the rest.
+        self.compile_chunks = compile and compile_scope == "layers"
+        if self.compile_chunks:
             compile_layers(self.model)
-        # The whole-loss graph is built lazily, on the first training step, so that it sees the final module (after
-        # Lightning's device move and any sharding).
-        self._compiled_loss: Any = None
+        # torch.compile traces on the first call, so this graph sees the module after the device move and sharding.
+        self._compiled_loss = torch.compile(self._uncompiled_loss) if compile and compile_scope == "model" else None
         self.init_metrics(model_vocab)
 
     @property
@@ -163,9 +162,7 @@ class CausalLM(LanguageModel):
         return out.loss, out.logits
 
     def lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.compiled and self.compile_scope == "model":
-            if self._compiled_loss is None:
-                self._compiled_loss = torch.compile(self._uncompiled_loss)
+        if self._compiled_loss is not None:
             return self._compiled_loss(input_ids, labels)
         return self._uncompiled_loss(input_ids, labels)
 
@@ -179,9 +176,8 @@ class CausalLM(LanguageModel):
         hidden = self.model.get_decoder()(input_ids=input_ids).last_hidden_state
         head = self.model.get_output_embeddings()
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        compile_chunks = self.compiled and self.compile_scope == "layers"  # in a whole-model graph it is traced anyway
         return chunked_linear_cross_entropy(
-            hidden[:, :-1], head.weight, labels[:, 1:], head.bias, softcap, self.loss_chunk_size, compile_chunks
+            hidden[:, :-1], head.weight, labels[:, 1:], head.bias, softcap, self.loss_chunk_size, self.compile_chunks
         )
 
 
