@@ -50,6 +50,9 @@ def _smoke_overrides(config: Path, tmp_path: Path) -> list[str]:
                 "--model.init_args.compile", "false"]  # fmt: skip
     if config.name == "ttt_pg19_baseline.yaml":
         return [*pg19, "--model.init_args.config_overrides", TINY_TTT]
+    if config.name == "titans_pg19.yaml":
+        return [*pg19, "--model.init_args.preset", "titans-tiny",
+                "--model.init_args.config_overrides", "{chunk_size: 8, segment_size: 32, window: 32}"]  # fmt: skip
     if config.name == "ttt_1b.yaml":
         return [*pg19, "--model.init_args.config_overrides", TINY_TTT, "--model.init_args.checkpoint_path", "null",
                 "--model.init_args.compile", "false", "--data.init_args.tokenizer", "byte",

@@ -44,6 +44,14 @@ def mlp(weights: list[Tensor], x: Tensor) -> Tensor:
     return h
 
 
+def clip_factor(config: TitansConfig, grads: tuple[Tensor, ...]) -> Tensor | float:
+    """min(1, τ/‖u_t‖_F) per (batch, head), the norm taken over all memory layers' gradient matrices."""
+    if config.inner_grad_clip is None:
+        return 1.0
+    norm = torch.sqrt(sum(g.square().sum((-2, -1)) for g in grads))[..., None, None]
+    return torch.clamp(config.inner_grad_clip / norm, max=1.0)
+
+
 def naive(memory: NeuralMemory, x: Tensor, chunk_size: int | None = None) -> Tensor:
     """The paper's recurrence token by token: u_t = ∇ℓ(M_{t'}; x_t) at the weights M_{t'} of the start of t's chunk
     (t' = t − t mod C), S_t = η_t S_{t−1} − θ_t u_t, M_t = (1 − α_t) M_{t−1} + S_t, y_t = M_t(q_t)."""
@@ -67,6 +75,7 @@ def naive(memory: NeuralMemory, x: Tensor, chunk_size: int | None = None) -> Ten
         loss = (mlp(frozen, k[:, :, i]) - v[:, :, i]).pow(2).sum()  # summed over (b, h): independent memories
         grads = torch.autograd.grad(loss, frozen, create_graph=True)
         e, th, kp = (g[:, :, i, None, None] for g in (eta, theta, keep))
+        th = th * clip_factor(c, grads)
         moms = [e * s - th * g for s, g in zip(moms, grads, strict=True)]
         weights = [kp * w + s for w, s in zip(weights, moms, strict=True)]
         ys.append(mlp(weights, q[:, :, i]))
@@ -97,6 +106,8 @@ def test_chunked_equals_naive_loop(depth: int, chunk_size: int) -> None:
         dict(use_conv=False),
         dict(num_heads=1),
         dict(num_heads=3, memory_expansion=1),
+        dict(inner_grad_clip=None),
+        dict(inner_grad_clip=0.3),  # clips most tokens
     ],
 )
 def test_chunked_equals_naive_loop_for_each_switch(overrides: dict[str, object]) -> None:
@@ -169,7 +180,7 @@ def test_linear_memory_without_momentum_is_the_gated_delta_rule() -> None:
     """L_M = 1 and η = 0: W_t = (1 − α_t) W_{t−1} − 2θ_t k_tᵀ(k_t W_{t−1} − v_t) (Appendix C: Gated DeltaNet), written
     out by hand, no autograd; with α = 0 too, plain online gradient descent on ||k W − v||² (the delta rule)."""
     for forgetting in (True, False):
-        memory = make(tiny(memory_depth=1, chunk_size=1, momentum=False, forgetting=forgetting))
+        memory = make(tiny(memory_depth=1, chunk_size=1, momentum=False, forgetting=forgetting, inner_grad_clip=None))
         x = inputs()
         q, k, v, logits, _ = memory.features(x, memory.initial_state(2).conv)
         theta, _, log_keep = memory.gate_values(logits)
@@ -190,7 +201,9 @@ def test_linear_memory_without_momentum_is_the_gated_delta_rule() -> None:
 def test_deep_memory_without_momentum_and_forgetting_is_online_sgd() -> None:
     """η = α = 0, C = 1: M_t = M_{t−1} − θ_t ∇ℓ(M_{t−1}; x_t), run as torch.optim.SGD steps on a real nn.Sequential
     per (batch, head), with the step size set to θ_t before each step."""
-    memory = make(tiny(memory_depth=2, chunk_size=1, momentum=False, forgetting=False, num_heads=1))
+    memory = make(
+        tiny(memory_depth=2, chunk_size=1, momentum=False, forgetting=False, num_heads=1, inner_grad_clip=None)
+    )
     x = inputs(b=1, t=9)
     q, k, v, logits, _ = memory.features(x, memory.initial_state(1).conv)
     theta, _, _ = memory.gate_values(logits)
@@ -264,3 +277,95 @@ def test_config_presets_and_checks() -> None:
     expected = 3 * d * d + 3 * d * 4 + (d * 36 + 36) + d * d + 12 * 2 * 64 * 128
     assert sum(p.numel() for p in memory.parameters()) == expected
     assert math.isclose(memory.gates.bias[0].item(), 0.0)
+
+
+def naive_records(memory: NeuralMemory, x: Tensor) -> dict[str, Tensor]:
+    """The plasticity records from the token loop: u_t by autograd at the chunk-start weights, S_t and M_t
+    materialised per token, norms taken directly (no Gram-matrix identities)."""
+    c = memory.config
+    b, t, _ = x.shape
+    _, k, v, logits, _ = memory.features(x, memory.initial_state(b).conv)
+    theta, log_eta, log_keep = memory.gate_values(logits)
+    eta = log_eta.exp() if c.momentum else torch.zeros_like(log_eta)
+    keep = log_keep.exp()
+    weights = [w.unsqueeze(0).expand(b, *w.shape).detach() for w in memory.memory_init]
+    moms = [torch.zeros_like(w) for w in weights]
+    frozen, chunk_start = weights, weights
+    out: dict[str, list[Tensor]] = {key: [] for key in ("update_norm", "surprise_past", "loss_pre", "delta_w_norm")}
+
+    def norm(ms: list[Tensor]) -> Tensor:
+        return torch.sqrt(sum(m.square().sum((-2, -1)) for m in ms))
+
+    for i in range(t):
+        if i % c.chunk_size == 0:
+            frozen = chunk_start = weights
+        frozen = [w.detach().requires_grad_() for w in frozen]
+        residual = mlp(frozen, k[:, :, i].detach()) - v[:, :, i].detach()
+        grads = torch.autograd.grad(residual.pow(2).sum(), frozen)
+        e, th, kp = (g[:, :, i, None, None].detach() for g in (eta, theta, keep))
+        th = th * clip_factor(c, grads)
+        moms = [e * s - th * g for s, g in zip(moms, grads, strict=True)]
+        weights = [kp * w.detach() + s for w, s in zip(weights, moms, strict=True)]
+        out["update_norm"].append(norm(list(grads)))
+        out["surprise_past"].append(norm(moms))
+        out["loss_pre"].append(residual.pow(2).sum(-1).detach())
+        if i % c.chunk_size == c.chunk_size - 1 or i == t - 1:
+            out["delta_w_norm"].append(norm([w - s for w, s in zip(weights, chunk_start, strict=True)]))
+    return {key: torch.stack(values, dim=-1) for key, values in out.items()}
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(momentum=False), dict(memory_depth=1, chunk_size=1)])
+def test_plasticity_records_equal_the_token_loop(overrides: dict[str, object]) -> None:
+    memory = make(tiny(**overrides))
+    x = inputs(t=19)  # 19 = four whole chunks of 4 and an unfinished one
+    memory.capture = True
+    memory(x)
+    (rec,) = memory.captured
+    expected = naive_records(memory, x)
+    for key, value in expected.items():
+        torch.testing.assert_close(rec[key], value, rtol=1e-10, atol=1e-12, msg=key)
+    theta, log_eta, log_keep = memory.gate_values(memory.features(x, memory.initial_state(2).conv)[3])
+    torch.testing.assert_close(rec["theta"], theta.detach())
+    torch.testing.assert_close(rec["alpha"], 1 - log_keep.exp().detach())
+    torch.testing.assert_close(rec["eta"], log_eta.exp().detach() if memory.config.momentum else 0 * theta.detach())
+    torch.testing.assert_close(rec["position"], torch.arange(19))
+    assert all(not value.requires_grad for value in rec.values())
+
+
+def test_streamed_records_join_into_the_full_forwards_records() -> None:
+    memory = make(tiny())
+    x = inputs(t=19)
+    memory.capture = True
+    memory(x)
+    (full,) = memory.captured
+    memory.captured.clear()
+    state = None
+    for piece in (x[:, :6], x[:, 6:13], x[:, 13:]):
+        _, state = memory(piece, state)
+    parts = memory.captured
+    assert [int(p["position"][0]) for p in parts] == [0, 6, 13]
+    for key in ("update_norm", "surprise_past", "theta", "position"):
+        torch.testing.assert_close(torch.cat([p[key] for p in parts], dim=-1), full[key], rtol=1e-10, atol=1e-12)
+
+
+def test_capture_off_records_nothing() -> None:
+    memory = make(tiny())
+    memory(inputs())
+    assert memory.captured == []
+
+
+def test_the_inner_gradient_clip_keeps_a_memory_fed_one_key_from_diverging() -> None:
+    """The failure the clip exists for: every token of a chunk with the same key, a large step and momentum. Unclipped,
+    the summed step exceeds what the memory's curvature allows and the weights grow geometrically; clipped, each
+    token moves them by at most θ·τ."""
+    x = inputs(b=1, t=1, d=12).expand(1, 256, 12).contiguous()
+    sizes = {}
+    for clip in (None, 2.0):
+        memory = make(tiny(chunk_size=8, max_lr=1.0, inner_grad_clip=clip))
+        with torch.no_grad():
+            memory.gates.weight.zero_()
+            memory.gates.bias.copy_(torch.tensor([4.0, 4.0, 4.0, 4.0, -8.0, -8.0]))  # θ ≈ 0.98, η ≈ 0.98
+        _, state = memory(x)
+        sizes[clip] = max(w.abs().max().item() for w in state.weights)
+    assert not sizes[None] < 1e6  # diverged (inf or NaN included)
+    assert sizes[2.0] < 1e3

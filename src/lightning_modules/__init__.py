@@ -4,9 +4,10 @@ from typing import Any
 
 from src.lightning_modules.base import EngramModule, LanguageModel
 from src.lightning_modules.causal_lm import CausalLM
+from src.lightning_modules.titans import TitansLM
 from src.lightning_modules.ttt import TTTLM
 
-__all__ = ["TTTLM", "CausalLM", "EngramModule", "LanguageModel", "TemporalLoRALM"]
+__all__ = ["TTTLM", "CausalLM", "EngramModule", "LanguageModel", "TemporalLoRALM", "TitansLM"]
 
 
 def __getattr__(name: str) -> Any:

@@ -80,7 +80,7 @@ def check_fields(config: Any, ranges: Mapping[str, str], prefix: str = OVERRIDES
         if not _matches(value, hints[f.name]):
             raise EngramError(f"{prefix}.{f.name}={value!r} must be {_describe(hints[f.name])}.")
         rule = ranges.get(f.name)
-        if rule is not None and not RULES[rule](value):
+        if rule is not None and value is not None and not RULES[rule](value):  # None: the feature is off
             raise EngramError(f"{prefix}.{f.name}={value!r} must be {rule}.")
 
 

@@ -71,12 +71,13 @@ class NeuralMemoryState:
     ``weights`` / ``momentum``: M and S per memory layer, (B, H, d_in, d_out), at the start of the current chunk
     (= the end of the last complete chunk). ``pending``: q, k, v (B, H, n, d_h) and the raw gate logits (B, 3, H, n)
     of the n < chunk_size tokens seen of the unfinished chunk. ``conv``: the last conv_kernel − 1 q/k/v projections
-    (B, 3·d, K − 1), the causal conv's left context."""
+    (B, 3·d, K − 1), the causal conv's left context. ``position``: how many tokens the stream has had."""
 
     weights: tuple[Tensor, ...]
     momentum: tuple[Tensor, ...]
     pending: tuple[Tensor, Tensor, Tensor, Tensor]
     conv: Tensor | None
+    position: int = 0  # tokens of the stream seen so far (the plasticity records' positions)
 
     def detach(self) -> NeuralMemoryState:
         """The same state cut from the graph (truncated BPTT across pieces)."""
@@ -86,6 +87,7 @@ class NeuralMemoryState:
             momentum=tuple(s.detach() for s in self.momentum),
             pending=(q.detach(), k.detach(), v.detach(), logits.detach()),
             conv=None if self.conv is None else self.conv.detach(),
+            position=self.position,
         )
 
 
@@ -107,6 +109,9 @@ class NeuralMemory(nn.Module):
         self.memory_init = nn.ParameterList(
             nn.Parameter(torch.empty(h, widths[i], widths[i + 1])) for i in range(config.memory_depth)
         )
+        # Plasticity capture (src/models/plasticity.py): while on, every forward appends its records here.
+        self.capture = False
+        self.captured: list[dict[str, Tensor]] = []
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -177,9 +182,11 @@ class NeuralMemory(nn.Module):
         logits: Tensor,
         weights: tuple[Tensor, ...],
         momentum: tuple[Tensor, ...],
+        records: list[dict[str, Tensor]] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
         """One chunk of n <= chunk_size tokens from the chunk-start (weights, momentum): returns y (B, H, n, d_h) and
-        the (weights, momentum) after its last token. See the module docstring for the equations."""
+        the (weights, momentum) after its last token. See the module docstring for the equations. With ``records``,
+        appends the chunk's plasticity measurements to it."""
         c = self.config
         if c.gate_granularity == "chunk":
             logits = logits[..., :1].expand_as(logits)
@@ -199,6 +206,14 @@ class NeuralMemory(nn.Module):
         for li in range(depth - 1, 0, -1):
             delta = (delta @ weights[li].transpose(-1, -2)) * silu_grad(pre[li - 1])
             deltas[li - 1] = delta
+        # The step each token's gradient is applied with: θ_t, or with inner_grad_clip θ_t·min(1, τ/‖u_t‖). A per-token
+        # scalar, so the dual form is unchanged; ‖u_t‖_F² = Σ_l ‖h_{l−1,t}‖²‖δ_{l,t}‖² (u is an outer product per layer).
+        step = theta
+        if c.inner_grad_clip is not None:
+            norm = torch.sqrt(
+                sum(x.square().sum(-1) * d.square().sum(-1) for x, d in zip(inputs[:-1], deltas, strict=True))
+            )
+            step = theta * (c.inner_grad_clip / norm.clamp_min(c.inner_grad_clip)).clamp(max=1.0)
 
         # Decay matrices (cumulative products as exp of sums of log-gates <= 0).
         keep_mat = segsum(log_keep).exp()  # B[t, s]
@@ -216,7 +231,7 @@ class NeuralMemory(nn.Module):
         # Retrieval y_t = M_t(q_t) through the per-token weights, in the dual form.
         hq = q
         for li, (w, s) in enumerate(zip(weights, momentum, strict=True)):
-            attn = (hq @ inputs[li].transpose(-1, -2)) * coef * theta.unsqueeze(-2)  # [t, i], zero for i > t
+            attn = (hq @ inputs[li].transpose(-1, -2)) * coef * step.unsqueeze(-2)  # [t, i], zero for i > t
             z = keep_cum.unsqueeze(-1) * (hq @ w) - attn @ deltas[li]
             if c.momentum:
                 z = z + carry.unsqueeze(-1) * (hq @ s)
@@ -224,7 +239,7 @@ class NeuralMemory(nn.Module):
 
         # State after the last token of the chunk.
         new_w, new_s = [], []
-        last_d, last_e = (coef[..., -1, :] * theta).unsqueeze(-1), (eta_mat[..., -1, :] * theta).unsqueeze(-1)
+        last_d, last_e = (coef[..., -1, :] * step).unsqueeze(-1), (eta_mat[..., -1, :] * step).unsqueeze(-1)
         for li, (w, s) in enumerate(zip(weights, momentum, strict=True)):
             x_t = inputs[li].transpose(-1, -2)
             w_next = keep_cum[..., -1, None, None] * w - x_t @ (last_d * deltas[li])
@@ -235,7 +250,66 @@ class NeuralMemory(nn.Module):
                 s_next = s  # stays zero: with η ≡ 0 no momentum survives a token
             new_w.append(w_next)
             new_s.append(s_next)
+        if records is not None:
+            with torch.no_grad():
+                records.append(
+                    self.measure(
+                        h - v, inputs, deltas, momentum, weights, new_w, theta, step, log_eta, log_keep, eta_mat
+                    )
+                )
         return hq, tuple(new_w), tuple(new_s)
+
+    def measure(
+        self,
+        residual: Tensor,
+        inputs: list[Tensor],
+        deltas: list[Tensor],
+        momentum: tuple[Tensor, ...],
+        weights: tuple[Tensor, ...],
+        new_weights: list[Tensor],
+        theta: Tensor,
+        step: Tensor,
+        log_eta: Tensor,
+        log_keep: Tensor,
+        eta_mat: Tensor,
+    ) -> dict[str, Tensor]:
+        """One chunk's plasticity records (src/models/plasticity.py) from tensors ``memory_chunk`` already has.
+
+        u_{l,i} = h_{l−1,i}ᵀ δ_{l,i} is an outer product, so ‖u_i‖_F² = Σ_l ‖h_{l−1,i}‖² ‖δ_{l,i}‖². The momentum
+        after token t, S_t = a_t S' − Σ_i c_{ti} u_i (a = P^η, c = E θ), has, per layer,
+        ‖S_t‖² = a_t² ‖S'‖² − 2 a_t Σ_i c_{ti} h_i S' δ_iᵀ + Σ_{ij} c_{ti} c_{tj} (h_i·h_j)(δ_i·δ_j): Gram matrices of the
+        chunk's n tokens, never the n per-token momentum matrices. ``theta`` is the gate, ``step`` it after the
+        inner gradient clip (what the update used)."""
+        # With momentum off, η_t = 0 and memory_chunk's eta_mat is I (S_t = −θ_t u_t): nothing is carried, a_t = 0.
+        momentum_on = self.config.momentum
+        eta = log_eta.exp() if momentum_on else torch.zeros_like(theta)
+        a = log_eta.cumsum(-1).exp() if momentum_on else torch.zeros_like(theta)
+        c = eta_mat * step.unsqueeze(-2)
+        update_sq = torch.zeros_like(theta)
+        past_sq = torch.zeros_like(theta)
+        delta_sq = torch.zeros_like(theta[..., 0])
+        for li, s in enumerate(momentum):
+            x, d = inputs[li], deltas[li]
+            update_sq = update_sq + x.square().sum(-1) * d.square().sum(-1)
+            cross = ((x @ s) * d).sum(-1)  # h_i S' δ_iᵀ
+            gram = (x @ x.transpose(-1, -2)) * (d @ d.transpose(-1, -2))
+            past_sq = (
+                past_sq
+                + a.square() * s.square().sum((-2, -1)).unsqueeze(-1)
+                - 2 * a * (c @ cross.unsqueeze(-1)).squeeze(-1)
+                + ((c @ gram) * c).sum(-1)
+            )
+            delta_sq = delta_sq + (new_weights[li] - weights[li]).square().sum((-2, -1))
+        records = {
+            "update_norm": update_sq.sqrt(),
+            "surprise_past": past_sq.clamp_min(0).sqrt(),
+            "theta": theta,
+            "eta": eta,
+            "alpha": -torch.expm1(log_keep),
+            "loss_pre": residual.square().sum(-1),
+            "delta_w_norm": delta_sq.sqrt().unsqueeze(-1),
+        }
+        return {key: value.detach() for key, value in records.items()}  # θ, η, α are forward-graph tensors
 
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
         """Read-and-write the memory over x (B, T, hidden_size), continuing ``state`` (a new sequence if None).
@@ -255,10 +329,11 @@ class NeuralMemory(nn.Module):
         weights, momentum = state.weights, state.momentum
         total, ys = q.shape[2], []
         pending = (q[..., :0, :], k[..., :0, :], v[..., :0, :], logits[..., :0])
+        records: list[dict[str, Tensor]] | None = [] if self.capture else None
         for start in range(0, total, c.chunk_size):
             end = min(start + c.chunk_size, total)
             part = (q[..., start:end, :], k[..., start:end, :], v[..., start:end, :], logits[..., start:end])
-            y, new_w, new_s = self.memory_chunk(*part, weights, momentum)
+            y, new_w, new_s = self.memory_chunk(*part, weights, momentum, records)
             ys.append(y)
             if end - start == c.chunk_size:
                 weights, momentum = new_w, new_s
@@ -266,5 +341,34 @@ class NeuralMemory(nn.Module):
                 pending = part
         y = torch.cat(ys, dim=2)[:, :, skip:] if ys else q[..., skip:, :]
         b, _, t, _ = y.shape
+        if records:
+            self.captured.append(self.merge_records(records, skip, state.position))
         y = self.out(y.transpose(1, 2).reshape(b, t, c.hidden_size))
-        return y, NeuralMemoryState(weights=weights, momentum=momentum, pending=pending, conv=conv)
+        new_state = NeuralMemoryState(weights, momentum, pending, conv, position=state.position + t)
+        return y, new_state
+
+    @staticmethod
+    def merge_records(chunks: list[dict[str, Tensor]], skip: int, position: int) -> dict[str, Tensor]:
+        """One call's records: the chunks joined along time, without the ``skip`` re-run tokens (recorded by the
+        call that first saw them); ``delta_w_norm`` keeps one entry per chunk touched, as TTT's records do."""
+        merged = {key: torch.cat([r[key] for r in chunks], dim=-1) for key in chunks[0]}
+        merged = {key: value if key == "delta_w_norm" else value[..., skip:] for key, value in merged.items()}
+        length = merged["update_norm"].shape[-1]
+        merged["position"] = torch.arange(position, position + length, device=merged["update_norm"].device)
+        return merged
+
+    def retrieve(self, x: Tensor, state: NeuralMemoryState) -> Tensor:
+        """Read the memory without writing it (Eq. 15): M(q_t) at ``state``'s weights for every token of x (B, T, d),
+        projected like ``forward``'s output. The queries' conv sees only x (zero left context): MAC retrieves for a
+        segment with queries of that segment."""
+        c = self.config
+        b, t, _ = x.shape
+        q = F.linear(x, self.qkv.weight[: c.hidden_size]).transpose(1, 2)  # (B, d, T)
+        if self.conv is not None:
+            q = F.conv1d(F.pad(q, (c.conv_kernel - 1, 0)), self.conv.weight[: c.hidden_size], groups=c.hidden_size)
+        q = F.normalize(F.silu(q).view(b, c.num_heads, c.head_dim, t).transpose(-1, -2), dim=-1)
+        depth = len(state.weights)
+        for li, w in enumerate(state.weights):
+            q = q @ w
+            q = F.silu(q) if li < depth - 1 else q
+        return self.out(q.transpose(1, 2).reshape(b, t, c.hidden_size))
