@@ -1,17 +1,17 @@
-"""Records *where* (layer, head), *when* (token) and *why* (Syntax / Retrieval / Novelty) a test-time-training
-model changes its inner weights.
+"""Records *where* (layer, head), *when* (token) and *why* (Syntax / Retrieval / Novelty) a memory model changes its
+memory at test time: TTT's inner weights, Titans' neural memory, EMMA's holographic trace.
 
-The callback talks to the model through two methods of the LightningModule:
-``set_capture(enabled: bool)`` and ``plasticity_records() -> list[dict[str, Tensor]]`` (one dict per layer, shapes in
-``src/models/ttt/model.py``). It records
+The callback talks to the model only through the ``CapturesPlasticity`` hook of the LightningModule:
+``set_capture(enabled: bool)`` and ``plasticity_records() -> list[dict[str, Tensor]]`` (one dict per memory layer, in
+the schema of ``src/models/plasticity.py``), so it works the same for every family. It records
 
 * during ``fit``: the training forward of every ``every_n_steps``-th step (the exact step, no extra forward);
 * during ``validate`` / ``test`` / ``predict``: the first ``max_eval_batches`` batches;
 
 keeping the first ``max_sequences`` sequences of a batch. Each capture becomes a tidy table (one row per run, step,
-sequence, layer, head, position: token, bucket, grad_norm, g_norm, lr, tau, loss_pre/init/post) written as parquet
-under ``<run_dir>/plasticity/<stage>/``; per-layer and per-bucket summaries go to the telemetry stream and the
-loggers. When a stage ends, the stage's tables are analysed: Layer x Time heatmaps, bucket charts with bootstrap
+sequence, layer, head, position: token, bucket, update_norm and the family's other metrics) written as parquet
+under ``<run_dir>/plasticity/<stage>/``; per-layer and per-bucket summaries go to the telemetry stream (named
+``<family>/<metric>``) and the mean update_norm per bucket to the loggers (``plasticity/<stage>/update_norm/<bucket>``). When a stage ends, the stage's tables are analysed: Layer x Time heatmaps, bucket charts with bootstrap
 intervals and the RQ1/RQ2 report (``src/analysis/plasticity.py``).
 """
 
@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 from src.analysis.buckets import label_batch, load_stopwords
 from src.analysis.plasticity import analyse, build_tables, read_tables, telemetry_rows, write_tables
 from src.errors import EngramError
+from src.models.plasticity import POSITION, UPDATE_NORM, check_records
 from src.protocols import CapturesPlasticity
 from src.telemetry import log_rows
 
@@ -63,8 +64,9 @@ class PlasticityCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, CapturesPlasticity):
             raise EngramError(
-                f"PlasticityCallback needs a model with a plasticity hook (TTT family); {type(pl_module).__name__} "
-                "has none. Remove the callback from trainer.callbacks or use src.lightning_modules.TTTLM."
+                f"PlasticityCallback needs a memory family with the CapturesPlasticity hook (TTTLM, TitansLM, "
+                f"EmmaLM); {type(pl_module).__name__} has none. Remove the callback from trainer.callbacks or use one "
+                "of those families."
             )
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)  # type: ignore[attr-defined]
         if tokenizer is None:
@@ -85,10 +87,12 @@ class PlasticityCallback(pl.Callback):
         records = pl_module.plasticity_records()
         pl_module.set_capture(False)
         self._armed = False
+        check_records(records)
         n = min(self.max_sequences, batch["input_ids"].shape[0])
-        input_ids = batch["input_ids"][:n].cpu()
-        # Captured forwards here always start at position 0, so the table's own 0..L-1 positions are the same.
-        captures = [{key: value[:n] for key, value in layer.items() if key != "position"} for layer in records]
+        # Captured forwards here always start at position 0, so the table's own 0..L-1 positions are the same. A
+        # family may read fewer tokens than the batch holds (EMMA's ListOps stops before the answer): keep those.
+        input_ids = batch["input_ids"][:n, : records[0][POSITION].shape[0]].cpu()
+        captures = [{key: value[:n] for key, value in layer.items() if key != POSITION} for layer in records]
         tok = self._tokenizer
         buckets = label_batch(
             input_ids, tok.decode, stopwords=self.stopwords, ignore_ids={tok.pad_id, tok.bos_id, tok.eos_id}
@@ -100,11 +104,14 @@ class PlasticityCallback(pl.Callback):
             return
         path = self._out_dir(trainer, stage) / f"step{self._step:07d}_batch{index:04d}.parquet"
         self.tables.setdefault(stage, []).append(write_tables(token_df, minibatch_df, path))
-        log_rows(trainer, telemetry_rows(token_df, minibatch_df), step=self._step)
+        # telemetry names follow the family (ttt/update_norm, emma/update_norm ...); every Engram module has one
+        family = getattr(pl_module, "family", type(pl_module).__name__.lower())
+        log_rows(trainer, telemetry_rows(token_df, minibatch_df, family=family), step=self._step)
         if stage == "predict":  # Lightning does not log from predict
             return
-        for bucket, value in token_df.groupby("bucket")["grad_norm"].mean().items():
-            pl_module.log(f"plasticity/{stage}/grad_norm/{bucket}", float(value), rank_zero_only=True)
+        # observed: a bucket without tokens (symbol vocabularies have no stop words) logs nothing rather than NaN
+        for bucket, value in token_df.groupby("bucket", observed=True)[UPDATE_NORM].mean().items():
+            pl_module.log(f"plasticity/{stage}/{UPDATE_NORM}/{bucket}", float(value), rank_zero_only=True)
 
     def _finish(self, trainer: pl.Trainer, stage: str) -> None:
         paths = self.tables.get(stage)

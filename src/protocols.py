@@ -13,14 +13,18 @@ import torch
 
 @runtime_checkable
 class CapturesPlasticity(Protocol):
-    """A module that can record its test-time updates (the TTT family) for ``callbacks/plasticity.py``."""
+    """A memory family's test-time-update hook, for ``callbacks/plasticity.py`` (TTTLM, TitansLM, EmmaLM).
+
+    Every model whose memory changes while it reads implements it the same way; the record schema (keys, shapes,
+    meanings per family) is ``src/models/plasticity.py``.
+    """
 
     def set_capture(self, enabled: bool) -> None:
-        """Record (or stop recording) the inner loop's per-token updates on the next forwards."""
+        """Record (or stop recording, dropping the records) the memory's per-token updates on the next forwards."""
         ...
 
     def plasticity_records(self) -> list[dict[str, torch.Tensor]]:
-        """Per layer, the records of the latest captured forward (keys: ``src.models.ttt.PLASTICITY_KEYS``)."""
+        """Per memory layer, the records of the latest forward with capture on (``src.models.plasticity``)."""
         ...
 
 

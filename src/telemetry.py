@@ -9,7 +9,7 @@ field         type        meaning
 ``step``      int         optimizer steps taken so far (``trainer.global_step``)
 ``tokens``    int         training tokens seen so far, summed over all ranks
 ``family``    str         the model family that emitted it (``causal_lm``, ``ttt``, ``emma`` ...)
-``metric``    str         slash-separated name, e.g. ``train/loss`` or ``ttt/grad_norm``
+``metric``    str         slash-separated name, e.g. ``train/loss`` or ``ttt/update_norm``
 ``value``     float       the measurement
 ``time``      float       Unix time of writing
 ``layer``     int | null  optional: layer index
@@ -25,7 +25,7 @@ Scalars reach it (and every other logger) the Lightning way, ``self.log`` in a m
 the hooks that allow ``self.log`` calls :func:`log_scalars`. Structured rows (a layer, head or position) go through
 :func:`log_rows`, to the telemetry stream only. Nothing else writes the file::
 
-    log_rows(trainer, [("ttt/grad_norm", 0.3, layer, head, None)])
+    log_rows(trainer, [("ttt/update_norm", 0.3, layer, head, None)])
 
 ``step`` is the same number in ``metrics.csv``, here and in the plasticity tables: ``trainer.global_step``, the
 optimizer steps completed when the value was logged (Lightning's own logging counter lags it by one in training).

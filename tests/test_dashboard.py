@@ -135,7 +135,7 @@ def test_fast_parse_equals_json() -> None:
             "step": i,
             "tokens": i * 7,
             "family": "ttt",
-            "metric": random.choice(["train/loss", "ttt/grad_norm", "lr-AdamW/pg1", "m\u00e9tric", 'q"uote']),
+            "metric": random.choice(["train/loss", "ttt/update_norm", "lr-AdamW/pg1", "m\u00e9tric", 'q"uote']),
             "value": random.choice([random.random(), 1e-7, -3.0, 12, "nan", "inf", "-inf"]),
             "time": 1.7e9 + i * 0.1,
         }
@@ -231,22 +231,32 @@ def test_plasticity_panel(client: TestClient, root: Path) -> None:
     folder = root / "demo/v0/plasticity/train"
     folder.mkdir(parents=True)
     rows = [
-        {"layer": la, "head": h, "position": p, "bucket": ["Syntax", "Novelty"][p % 2], "grad_norm": float(la * 10 + p)}
+        {
+            "layer": la,
+            "head": h,
+            "position": p,
+            "bucket": ["Syntax", "Novelty"][p % 2],
+            "update_norm": float(la * 10 + p),
+        }
         for la in range(3)
         for h in range(2)
         for p in range(700)
     ]
     pd.DataFrame(rows).to_parquet(folder / "step0000100_batch0000.parquet")
     pd.DataFrame(rows[:10]).to_parquet(folder / "step0000000_batch0000.parquet")
-    (folder / "heatmap_grad_norm.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    (folder / "heatmap_update_norm.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
     panel = client.get("/api/plasticity", params={"run": "demo/v0"}).json()
     assert panel["stages"] == ["train"] and panel["steps"] == [0, 100] and panel["step"] == 100
     assert panel["layers"] == 3 and panel["positions"] <= 512 and panel["position_bin"] == 2
     assert panel["heat"][2][0] == pytest.approx(20.5)  # layer 2, positions 0 and 1, over both heads
     assert [b["bucket"] for b in panel["buckets"]] == ["Syntax", "Novelty"]
-    assert panel["images"] == ["plasticity/train/heatmap_grad_norm.png"]
-    assert client.get("/files/demo/v0/plasticity/train/heatmap_grad_norm.png").headers["content-type"] == "image/png"
+    assert panel["images"] == ["plasticity/train/heatmap_update_norm.png"]
+    assert client.get("/files/demo/v0/plasticity/train/heatmap_update_norm.png").headers["content-type"] == "image/png"
     assert client.get("/api/plasticity", params={"run": "demo/v0", "metric": "__class__"}).status_code == 400
+    # the tables' own metrics are offered; one another family has (TTT's g_norm) falls back to update_norm
+    assert panel["metrics"] == ["update_norm"] and panel["metric"] == "update_norm"
+    other = client.get("/api/plasticity", params={"run": "demo/v0", "metric": "g_norm"}).json()
+    assert other["metric"] == "update_norm" and other["heat"] == panel["heat"]
 
 
 # --- safety -----------------------------------------------------------------------------------------------------

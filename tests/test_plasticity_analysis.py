@@ -1,4 +1,5 @@
-"""The plasticity tables, statistics, plots, report, telemetry summaries and CLI, on synthetic data with known truth."""
+"""The plasticity tables, statistics, plots, report, telemetry summaries and CLI, on synthetic data with known truth,
+for the metric sets of every memory family (the analysis knows only the schema of ``src/models/plasticity.py``)."""
 
 from __future__ import annotations
 
@@ -33,19 +34,33 @@ from src.analysis.plasticity import (
     telemetry_rows,
     write_tables,
 )
+from src.errors import EngramError
+from src.models import plasticity
 from src.telemetry import TelemetryWriter, read_events
 
 ROOT = Path(__file__).resolve().parents[1]
+# The per-token metrics each family emits (update_norm first): the tables must take any of these sets.
+TTT_METRICS = ("update_norm", "g_norm", "lr", "tau", "loss_pre", "loss_init", "loss_post")
+TITANS_METRICS = ("update_norm", "loss_pre", "surprise_past", "theta", "eta", "alpha")
+EMMA_METRICS = ("update_norm", "write_strength", "write_cos", "read_cos")
 
 
-def fake_captures(n_layers: int, batch: int, heads: int, length: int, n_mb: int, as_torch: bool = True) -> list[dict]:
+def fake_captures(
+    n_layers: int,
+    batch: int,
+    heads: int,
+    length: int,
+    n_mb: int,
+    as_torch: bool = True,
+    metrics: tuple[str, ...] = TTT_METRICS,
+) -> list[dict]:
     """Every value encodes where it sits: metric index, layer, sequence, head, position."""
     caps = []
     b, h, t = np.meshgrid(np.arange(batch), np.arange(heads), np.arange(length), indexing="ij")
     bm, hm, tm = np.meshgrid(np.arange(batch), np.arange(heads), np.arange(n_mb), indexing="ij")
     for layer in range(n_layers):
         cap = {}
-        for i, m in enumerate(TOKEN_METRICS):
+        for i, m in enumerate(metrics):
             arr = (i * 10000 + layer * 1000 + b * 100 + h * 10 + t).astype(np.float64)
             cap[m] = torch.tensor(arr, dtype=torch.float32) if as_torch else arr
         cap["delta_w_norm"] = (layer * 1000 + bm * 100 + hm * 10 + tm + 0.5).astype(np.float32)
@@ -77,11 +92,11 @@ def test_build_tables_rows_and_values_exact() -> None:
         "bucket",
         "retrieval_distance",
     ]
-    assert list(token_df.columns[10:]) == list(TOKEN_METRICS)
+    assert list(token_df.columns[10:]) == list(TTT_METRICS)
     assert set(token_df["run"]) == {"r1"} and set(token_df["step"]) == {7}
     seq = token_df["sequence"].to_numpy() - 10
     la, hd, pos = (token_df[c].to_numpy() for c in ("layer", "head", "position"))
-    for i, m in enumerate(TOKEN_METRICS):
+    for i, m in enumerate(TTT_METRICS):
         np.testing.assert_array_equal(token_df[m].to_numpy(), i * 10000 + la * 1000 + seq * 100 + hd * 10 + pos)
     np.testing.assert_array_equal(token_df["token_id"].to_numpy(), ids.numpy()[seq, pos])
     np.testing.assert_array_equal(token_df["bucket"].astype(str).to_numpy(), labels.bucket[seq, pos])
@@ -107,11 +122,63 @@ def test_build_tables_rejects_bad_captures() -> None:
         build_tables([{**caps[0], "lr": caps[0]["lr"][:, :, :3]}], ids, labels, run="r", step=0)
     with pytest.raises(ValueError, match="unknown keys"):
         build_tables([{**caps[0], "bogus": caps[0]["lr"]}], ids, labels, run="r", step=0)
-    with pytest.raises(ValueError, match="missing keys"):
-        build_tables([{k: v for k, v in caps[0].items() if k != "tau"}], ids, labels, run="r", step=0)
-    # optional factors become extra columns
+    for required in ("update_norm", "delta_w_norm"):
+        with pytest.raises(ValueError, match=f"missing keys.*{required}"):
+            build_tables([{k: v for k, v in caps[0].items() if k != required}], ids, labels, run="r", step=0)
+    # family metrics are optional, but every layer of a capture has the same ones
+    two = fake_captures(2, 1, 2, 4, 1)
+    with pytest.raises(ValueError, match=r"layer 1 capture.*missing keys.*'tau'"):
+        build_tables([two[0], {k: v for k, v in two[1].items() if k != "tau"}], ids, labels, run="r", step=0)
+    token_df, _ = build_tables([{k: v for k, v in caps[0].items() if k != "tau"}], ids, labels, run="r", step=0)
+    assert "tau" not in token_df.columns
+    # a known metric becomes an extra column, in the schema's order (k_norm comes before lr)
     token_df, _ = build_tables([{**caps[0], "k_norm": caps[0]["lr"] * 2}], ids, labels, run="r", step=0)
     np.testing.assert_array_equal(token_df["k_norm"].to_numpy(), 2 * token_df["lr"].to_numpy())
+    assert list(token_df.columns[10:]) == [m for m in TOKEN_METRICS if m in {*TTT_METRICS, "k_norm"}]
+
+
+@pytest.mark.parametrize("metrics", [TTT_METRICS, TITANS_METRICS, EMMA_METRICS], ids=["ttt", "titans", "emma"])
+def test_every_familys_metric_set_builds_tables_and_reports(tmp_path, metrics: tuple[str, ...]) -> None:
+    """The tables, telemetry, plots and report work for whichever schema metrics a family emits: here each family's
+    own set, with EMMA's shape (one layer, one head)."""
+    tok = ByteTokenizer()
+    ids = torch.tensor([tok.encode("the cat sat on the mat and the cat")])
+    labels = label_batch(ids, tok.decode)
+    one_layer = metrics is EMMA_METRICS
+    caps = fake_captures(1 if one_layer else 3, 1, 1 if one_layer else 2, ids.shape[1], 3, metrics=metrics)
+    token_df, mb_df = build_tables(caps, ids, labels, run="r", step=0)
+    assert list(token_df.columns[10:]) == [m for m in TOKEN_METRICS if m in metrics]
+    rows = telemetry_rows(token_df, mb_df, family="fam")
+    assert {m for m, *_ in rows} >= {f"fam/{m}" for m in metrics} | {"fam/delta_w_norm"}
+    paths = analyse(token_df, tmp_path, minibatch_df=mb_df, n_resamples=50)
+    assert paths["heatmap"].name == "heatmap_update_norm.png" and paths["heatmap_minibatch"].is_file()
+    rep = json.loads(paths["report_json"].read_text())
+    assert rep["metric"] == "update_norm" and rep["layers"] == ([0] if one_layer else [0, 1, 2])
+    if one_layer:
+        assert rep["rq2"]["verdict"] == "inconclusive" and "3 layers" in rep["rq2"]["note"]
+    last = metrics[-1]
+    assert analyse(token_df, tmp_path / last, metric=last, n_resamples=50)["heatmap"].name == f"heatmap_{last}.png"
+
+
+def test_check_records_names_the_key_and_shape() -> None:
+    """The schema validator the callback runs on every hook's records: one clear error naming layer, key, shape."""
+    good = {"update_norm": torch.rand(2, 3, 5), "lr": torch.rand(2, 3, 5), "delta_w_norm": torch.rand(2, 3, 2)}
+    good["position"] = torch.arange(5)
+    plasticity.check_records([good, dict(good)])
+    bad = {
+        "lacks the required": ({k: v for k, v in good.items() if k != "delta_w_norm"}, "missing required keys"),
+        "unknown key": ({**good, "grad": good["lr"]}, "unknown keys \\['grad'\\]"),
+        "token shape": ({**good, "lr": torch.rand(2, 3, 4)}, "layer 1: 'lr' has shape \\(2, 3, 4\\)"),
+        "chunk shape": ({**good, "delta_w_norm": torch.rand(2, 1, 2)}, "'delta_w_norm' has shape \\(2, 1, 2\\)"),
+        "position dtype": ({**good, "position": torch.arange(5.0)}, "'position' has shape \\(5,\\) and dtype"),
+        "other keys": ({k: v for k, v in good.items() if k != "lr"}, "every layer of one capture"),
+        "attached": ({**good, "lr": torch.rand(2, 3, 5, requires_grad=True)}, "'lr' is attached"),
+    }
+    for layer1, message in bad.values():
+        with pytest.raises(EngramError, match=message):
+            plasticity.check_records([good, layer1])
+    with pytest.raises(EngramError, match="empty"):
+        plasticity.check_records([])
 
 
 def synthetic_table(
@@ -125,7 +192,7 @@ def synthetic_table(
     late_retrieval_boost: float = 1.0,
     short_retrieval_boost: float = 1.0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Log-normal grad norms; Novelty/Retrieval tokens scaled by ``memory_boost`` in every layer, long-range
+    """Log-normal update norms; Novelty/Retrieval tokens scaled by ``memory_boost`` in every layer, long-range
     (distance >= 16) Retrieval tokens by ``late_retrieval_boost`` in the later two thirds of the layers, and
     short-range ones by ``short_retrieval_boost`` there."""
     rng = np.random.default_rng(seed)
@@ -139,9 +206,9 @@ def synthetic_table(
         if layer in later:
             scale = scale * np.where((bucket == "Retrieval") & (distance >= 16), late_retrieval_boost, 1.0)
             scale = scale * np.where((bucket == "Retrieval") & (distance < 16), short_retrieval_boost, 1.0)
-        grad = rng.lognormal(0.0, 0.5, size=(n_seq, heads, length)) * scale[:, None, :] * (1 + layer)
-        cap = {m: rng.random((n_seq, heads, length)) for m in TOKEN_METRICS}
-        cap["grad_norm"] = grad
+        update = rng.lognormal(0.0, 0.5, size=(n_seq, heads, length)) * scale[:, None, :] * (1 + layer)
+        cap = {m: rng.random((n_seq, heads, length)) for m in TTT_METRICS}
+        cap["update_norm"] = update
         cap["delta_w_norm"] = rng.random((n_seq, heads, length // 16))
         caps.append(cap)
     ids = rng.integers(0, 256, size=(n_seq, length))
@@ -150,7 +217,7 @@ def synthetic_table(
 
 def test_rq1_detects_a_real_effect_in_the_right_direction() -> None:
     token_df, _ = synthetic_table(0, memory_boost=1.5)
-    rep = report(token_df, "grad_norm")
+    rep = report(token_df, "update_norm")
     r1 = rep["rq1"]
     assert r1["verdict"] == "supported"
     assert r1["overall"]["effect_size"] > 0.2 and r1["overall"]["p_value"] < 1e-6
@@ -158,16 +225,16 @@ def test_rq1_detects_a_real_effect_in_the_right_direction() -> None:
     assert all(row["effect_size"] > 0 for row in r1["per_layer"])
     assert r1["layers_supporting"] == list(range(6))
     reverse, _ = synthetic_table(1, memory_boost=1 / 1.5)
-    assert report(reverse, "grad_norm")["rq1"]["verdict"] == "contradicted"
+    assert report(reverse, "update_norm")["rq1"]["verdict"] == "contradicted"
 
 
 def test_rq1_no_effect_is_not_significant_and_calibrated() -> None:
     p_values = []
     for seed in range(30):
         token_df, _ = synthetic_table(100 + seed, n_seq=2, n_layers=3, heads=1, length=64)
-        p_values.append(report(token_df, "grad_norm")["rq1"]["overall"]["p_value"])
+        p_values.append(report(token_df, "update_norm")["rq1"]["overall"]["p_value"])
     token_df, _ = synthetic_table(7)
-    assert report(token_df, "grad_norm")["rq1"]["verdict"] == "inconclusive"
+    assert report(token_df, "update_norm")["rq1"]["verdict"] == "inconclusive"
     # under the null a 5% test rejects about 1.5 of 30 times; 6 or more has probability < 0.3%
     assert sum(p < 0.05 for p in p_values) <= 5
     assert 0.3 < float(np.mean(p_values)) < 0.7  # p-values are uniform under the null
@@ -175,16 +242,16 @@ def test_rq1_no_effect_is_not_significant_and_calibrated() -> None:
 
 def test_rq2_detects_late_layer_long_range_retrieval() -> None:
     token_df, _ = synthetic_table(2, late_retrieval_boost=2.0)
-    r2 = report(token_df, "grad_norm", long_range=16)["rq2"]
+    r2 = report(token_df, "update_norm", long_range=16)["rq2"]
     assert r2["layer_groups"] == {"early": [0, 1], "middle": [2, 3], "deep": [4, 5]}
     assert r2["verdict"] == "supported"
     assert r2["middle_and_deep_vs_early"]["effect_size"] > 0.5 and r2["middle_and_deep_vs_early"]["p_value"] < 1e-6
     assert r2["n_tokens"] == int(((token_df.bucket == "Retrieval") & (token_df.retrieval_distance >= 16)).sum() / 12)
     # boosting only short-range retrievals leaves the long-range test without an effect
     short, _ = synthetic_table(3, short_retrieval_boost=2.0)
-    assert report(short, "grad_norm", long_range=16)["rq2"]["verdict"] == "inconclusive"
+    assert report(short, "update_norm", long_range=16)["rq2"]["verdict"] == "inconclusive"
     none, _ = synthetic_table(4)
-    assert report(none, "grad_norm")["rq2"]["verdict"] == "inconclusive"
+    assert report(none, "update_norm")["rq2"]["verdict"] == "inconclusive"
 
 
 def test_rq2_needs_three_layers() -> None:
@@ -235,11 +302,11 @@ def test_bootstrap_interval_contains_true_mean_and_has_nominal_coverage() -> Non
 
 def test_layer_time_matrix_is_the_mean_over_sequences_and_heads() -> None:
     token_df, _ = synthetic_table(6, n_seq=3, n_layers=3, heads=2, length=32)
-    mat = layer_time_matrix(token_df, "grad_norm")
+    mat = layer_time_matrix(token_df, "update_norm")
     assert mat.shape == (3, 32)
     sel = token_df[(token_df.layer == 2) & (token_df.position == 17)]
     assert len(sel) == 6
-    assert mat.loc[2, 17] == pytest.approx(sel["grad_norm"].to_numpy(np.float64).mean(), rel=1e-6)
+    assert mat.loc[2, 17] == pytest.approx(sel["update_norm"].to_numpy(np.float64).mean(), rel=1e-6)
 
 
 def _assert_png(path: Path) -> None:
@@ -276,9 +343,9 @@ def test_parquet_roundtrip_and_cli(tmp_path, capsys) -> None:
     assert list(back["bucket"].cat.categories) == list(BUCKETS)
 
     assert main(["--table", str(path), "--out", str(tmp_path / "cli"), "--resamples", "200"]) == 0
-    for name in ("heatmap_grad_norm.png", "buckets_grad_norm.png", "heatmap_delta_w_norm.png"):
+    for name in ("heatmap_update_norm.png", "buckets_update_norm.png", "heatmap_delta_w_norm.png"):
         _assert_png(tmp_path / "cli" / name)
-    assert json.loads((tmp_path / "cli" / "report.json").read_text())["metric"] == "grad_norm"
+    assert json.loads((tmp_path / "cli" / "report.json").read_text())["metric"] == "update_norm"
     assert main(["--table", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["--table", str(path), "--out", str(tmp_path / "x"), "--metric", "bogus"]) == 2
@@ -297,21 +364,21 @@ def test_parquet_roundtrip_and_cli(tmp_path, capsys) -> None:
 
 def test_telemetry_rows_round_trip(tmp_path) -> None:
     token_df, mb_df = synthetic_table(10, n_seq=2, n_layers=3, heads=2, length=32)
-    rows = telemetry_rows(token_df, mb_df, position_bin=16)
-    n_metrics = len(TOKEN_METRICS)
+    rows = telemetry_rows(token_df, mb_df, family="ttt", position_bin=16)
+    n_metrics = len(TTT_METRICS)
     per_layer = 3 * n_metrics
     per_bucket = 3 * len(BUCKETS) * n_metrics
     per_head, per_bin, per_mb = 3 * 2, 3 * 2, 3 * len(MINIBATCH_METRICS)
     assert len(rows) == per_layer + per_bucket + per_head + per_bin + per_mb
     values = {(m, la, h, p): v for m, v, la, h, p in rows}
     layer1 = token_df[token_df.layer == 1]
-    assert values[("ttt/grad_norm", 1, None, None)] == pytest.approx(layer1.grad_norm.to_numpy(np.float64).mean())
+    assert values[("ttt/update_norm", 1, None, None)] == pytest.approx(layer1.update_norm.to_numpy(np.float64).mean())
     nov = layer1[layer1.bucket == "Novelty"]
     assert values[("ttt/loss_pre/novelty", 1, None, None)] == pytest.approx(nov.loss_pre.to_numpy(np.float64).mean())
     head = layer1[layer1["head"] == 1]
-    assert values[("ttt/grad_norm", 1, 1, None)] == pytest.approx(head.grad_norm.to_numpy(np.float64).mean())
+    assert values[("ttt/update_norm", 1, 1, None)] == pytest.approx(head.update_norm.to_numpy(np.float64).mean())
     late = layer1[layer1.position >= 16]
-    assert values[("ttt/grad_norm", 1, None, 16)] == pytest.approx(late.grad_norm.to_numpy(np.float64).mean())
+    assert values[("ttt/update_norm", 1, None, 16)] == pytest.approx(late.update_norm.to_numpy(np.float64).mean())
     mb1 = mb_df[mb_df.layer == 1]
     assert values[("ttt/delta_w_norm", 1, None, None)] == pytest.approx(mb1.delta_w_norm.to_numpy(np.float64).mean())
 

@@ -20,7 +20,7 @@ def test_events_round_trip_and_append(tmp_path: Path) -> None:
     path = tmp_path / "telemetry.jsonl"
     writer = TelemetryWriter(path, run_id="demo/v0", family="ttt")
     writer.emit("train/loss", 2.5, step=3, tokens=96)
-    writer.emit_many([("ttt/grad_norm", 0.25, 1, 2, 7), ("ttt/lr", float("nan"), 0, None, None)], step=4, tokens=128)
+    writer.emit_many([("ttt/update_norm", 0.25, 1, 2, 7), ("ttt/lr", float("nan"), 0, None, None)], step=4, tokens=128)
     writer.close()
     TelemetryWriter(path, run_id="demo/v0", family="ttt").emit("train/loss", 2.0, step=5, tokens=160)
 

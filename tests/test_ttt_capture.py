@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from src.errors import EngramError
+from src.models import plasticity
 from src.models.ttt import (
     MAMBA_BACKBONE,
     PLASTICITY_KEYS,
@@ -50,13 +51,13 @@ def test_captured_records_equal_the_naive_reference(layer_cls: type, backbone: s
     layer.capture = True
     layer(X)
     records = layer.plasticity
-    # grad_norm = ‖k‖·‖g‖ (TTT-Linear) vs. the norm of autograd's per-token gradient ∇_W ℓ_t at the mini-batch start
+    # update_norm = ‖k‖·‖g‖ (TTT-Linear) vs. the norm of autograd's per-token gradient ∇_W ℓ_t at the mini-batch start
     for key in (*PLASTICITY_TOKEN_KEYS[:2], *PLASTICITY_TOKEN_KEYS[3:], *PLASTICITY_MINIBATCH_KEYS):
         actual, reference = records[key], expected[key]
         assert actual.shape == reference.shape, key
         assert ((actual - reference).abs().max() / reference.abs().max()).item() <= 1e-6, key
         assert not actual.requires_grad
-    assert (records["grad_norm"] > 0).all()
+    assert (records["update_norm"] > 0).all()
 
 
 def test_records_have_the_documented_keys_shapes_and_positions() -> None:
@@ -66,6 +67,9 @@ def test_records_have_the_documented_keys_shapes_and_positions() -> None:
     with model.capture_plasticity() as records:
         model(ids)
     assert len(records) == 2
+    plasticity.check_records(records)  # the schema every memory family shares
+    assert set(PLASTICITY_TOKEN_KEYS) <= set(plasticity.TOKEN_METRICS)
+    assert set(PLASTICITY_MINIBATCH_KEYS) <= set(plasticity.CHUNK_METRICS)
     for layer, rec in zip(model.model.ttt_layers(), records, strict=True):
         assert set(rec) == set(PLASTICITY_KEYS)
         for key in PLASTICITY_TOKEN_KEYS:
@@ -73,7 +77,7 @@ def test_records_have_the_documented_keys_shapes_and_positions() -> None:
         assert rec["delta_w_norm"].shape == (3, 2, 3)  # ceil(21 / 8) mini-batches
         assert torch.equal(rec["position"], torch.arange(21))
         assert torch.equal(rec["tau"][0, 0, :8], torch.clamp(1 / torch.arange(1.0, 9) + layer.learnable_token_idx, 0))
-        torch.testing.assert_close(rec["grad_norm"], rec["k_norm"] * rec["g_norm"])
+        torch.testing.assert_close(rec["update_norm"], rec["k_norm"] * rec["g_norm"])
     # the context switched capture off again and the layers keep nothing
     assert all(not layer.capture and layer.plasticity is None for layer in model.model.ttt_layers())
 

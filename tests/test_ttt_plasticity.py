@@ -1,5 +1,6 @@
 """Acceptance of the plasticity pipeline: ``configs/ttt_verify_synthetic.yaml`` on CPU writes the table, heatmap,
-bucket chart and report, and Retrieval tokens' inner-gradient norms are non-zero and differ from Syntax ones."""
+bucket chart and report, and Retrieval tokens' update norms (inner-gradient norms) are non-zero and differ from
+Syntax ones."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def test_verify_synthetic_writes_the_analysis(run_root: Path) -> None:
         out = run_dir / "plasticity" / stage
         tables = sorted(p for p in out.glob("step*.parquet") if not p.name.endswith(".minibatch.parquet"))
         assert len(tables) == captures
-        for name in ("heatmap_grad_norm.png", "buckets_grad_norm.png"):
+        for name in ("heatmap_update_norm.png", "buckets_update_norm.png"):
             with Image.open(out / name) as image:
                 assert image.size[0] > 300 and np.asarray(image.convert("L")).std() > 5  # a real, non-blank plot
         report = json.loads((out / "report.json").read_text())
@@ -33,9 +34,9 @@ def test_verify_synthetic_writes_the_analysis(run_root: Path) -> None:
 
     tokens, minibatches = read_tables(sorted((run_dir / "plasticity" / "val").glob("step*[0-9].parquet")))
     assert minibatches is not None and (minibatches["delta_w_norm"] > 0).all()
-    per_token = tokens.groupby(["sequence", "position", "layer", "bucket"], as_index=False)["grad_norm"].mean()
-    retrieval = per_token.loc[per_token.bucket == "Retrieval", "grad_norm"].to_numpy()
-    syntax = per_token.loc[per_token.bucket == "Syntax", "grad_norm"].to_numpy()
+    per_token = tokens.groupby(["sequence", "position", "layer", "bucket"], as_index=False)["update_norm"].mean()
+    retrieval = per_token.loc[per_token.bucket == "Retrieval", "update_norm"].to_numpy()
+    syntax = per_token.loc[per_token.bucket == "Syntax", "update_norm"].to_numpy()
     assert len(retrieval) > 50 and len(syntax) > 50
     assert (retrieval > 0).all()
     assert mannwhitneyu(retrieval, syntax).pvalue < 0.01
@@ -43,3 +44,4 @@ def test_verify_synthetic_writes_the_analysis(run_root: Path) -> None:
     events = list(read_events(run_dir / "telemetry.jsonl"))
     layered = [e for e in events if e["metric"].startswith("ttt/") and "layer" in e]
     assert {e["layer"] for e in layered} == {0, 1, 2}
+    assert {"ttt/update_norm", "ttt/g_norm", "ttt/delta_w_norm"} <= {e["metric"] for e in layered}

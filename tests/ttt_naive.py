@@ -94,7 +94,7 @@ def naive_ttt_layer(layer: torch.nn.Module, X: Tensor) -> tuple[Tensor, dict[str
         return 0.5 * ((_layer_norm(inner(x, w), gamma, beta) - target) ** 2).sum(dim=(-2, -1))
 
     state = {n: t.clone() for n, t in init.items()}
-    keys = ("grad_norm", "g_norm", "lr", "tau", "loss_pre", "loss_init", "loss_post")
+    keys = ("update_norm", "g_norm", "lr", "tau", "loss_pre", "loss_init", "loss_post")
     rec: dict[str, list[Tensor]] = {k: [] for k in keys}
     deltas: list[Tensor] = []
     outputs = []
@@ -118,7 +118,7 @@ def naive_ttt_layer(layer: torch.nn.Module, X: Tensor) -> tuple[Tensor, dict[str
             outputs.append(q + _layer_norm(inner(q, current), gamma, beta))
 
             weights = [n for n in names if n.startswith("W")]
-            rec["grad_norm"].append(torch.sqrt(sum(grad_w[n].pow(2).sum(dim=(-2, -1)) for n in weights)))
+            rec["update_norm"].append(torch.sqrt(sum(grad_w[n].pow(2).sum(dim=(-2, -1)) for n in weights)))
             rec["g_norm"].append(grad_z.norm(dim=-1)[..., 0])
             rec["lr"].append(lr[:, :, t])
             rec["tau"].append(tau[i].expand(B, H))

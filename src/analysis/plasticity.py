@@ -1,16 +1,20 @@
-"""Plasticity analysis of a TTT model: where (layer), when (token) and why (syntax or memory) it updates itself.
+"""Plasticity analysis of any memory family: where (layer), when (token) and why (syntax or memory) it updates itself.
 
-Pipeline: capture dicts from the model -> :func:`build_tables` -> :func:`write_tables` (parquet) ->
+Family-agnostic: it reads the records every memory family (TTT-Linear/MLP, Titans, EMMA) emits through the
+``CapturesPlasticity`` hook, in the one schema of ``src/models/plasticity.py``, and knows nothing else about the
+model. Pipeline: capture dicts from the model -> :func:`build_tables` -> :func:`write_tables` (parquet) ->
 :func:`analyse` (heat-maps, bucket bar chart, RQ report) and :func:`telemetry_rows` (summary events).
 ``python -m src.analysis.plasticity --table t.parquet --out dir`` re-runs :func:`analyse` on saved tables.
 
-**Capture dict** (one per layer; tensors or arrays, any float dtype, any device):
+**Capture dict** (one per layer; tensors or arrays, any float dtype, any device; ``position`` left out):
 
-* per token, ``[B, H, L]``: ``grad_norm`` (‖∇_W ℓ_t‖_F = ‖k_t‖·‖g_t‖), ``g_norm`` (‖g_t‖ = ‖∇_b ℓ_t‖), ``lr``
-  (the token's inner learning rate), ``tau`` (its in-mini-batch coefficient), ``loss_pre`` (ℓ_t at the state of
-  the mini-batch start, the loss whose gradient is used), ``loss_init`` (ℓ_t under the initial state W_0),
-  ``loss_post`` (ℓ_t after the token's own update); optionally the factors ``k_norm``, ``z_std``, ``r_norm``.
-* per mini-batch, ``[B, H, n_minibatch]``: ``delta_w_norm`` (‖W_{n+1} − W_n‖_F); optionally ``delta_b_norm``.
+* per token, ``[B, H, L]``: ``update_norm`` (required: how strongly the token writes into the memory), then any
+  of the family metrics of ``src.models.plasticity.TOKEN_METRICS`` (TTT ``g_norm``, ``lr``, ``loss_pre`` ...;
+  Titans ``surprise_past``, ``theta`` ...; EMMA ``write_strength``, ``write_cos``, ``read_cos``);
+* per chunk, ``[B, H, n_minibatch]``: ``delta_w_norm`` (required: ‖M_end − M_start‖ over the family's chunk: TTT
+  mini-batch, Titans chunk, EMMA block), plus any other of ``CHUNK_METRICS``.
+
+Every layer of a capture holds the same keys; the tables get one column per metric, in the schema's order.
 
 **Token table** (tidy; one row per run, step, sequence, layer, head, position). ``sequence`` is the row of the
 batch (plus ``sequence_offset``), needed because a capture holds ``B`` sequences:
@@ -26,18 +30,19 @@ token_id               int64        the input token
 token_text             category     the token's text (see ``buckets.py``)
 bucket                 category     Syntax / Retrieval / Novelty / Other (``buckets.BUCKETS`` order)
 retrieval_distance     int32        tokens since the word's previous occurrence; -1 unless Retrieval
-grad_norm ... loss_post  float32    the seven metrics above, then any optional ones captured
+update_norm, ...       float32      the captured metrics, in the order of ``TOKEN_METRICS``
 =====================  ===========  ===============================================================
 
-**Mini-batch table**: run, step, sequence, layer, head, ``minibatch`` (int32), ``delta_w_norm`` (+ optional).
+**Mini-batch table**: run, step, sequence, layer, head, ``minibatch`` (int32, the family's chunk index),
+``delta_w_norm`` (+ any other chunk metric).
 
 **Statistics.** The unit of observation is one token occurrence in one layer, with the metric averaged over heads
 (heads of a token share its input, so they are not independent samples). RQ1 compares memory tokens (Novelty ∪
 Retrieval) with Syntax tokens, per layer and overall, by a two-sided Mann-Whitney U test with Cliff's delta
 δ = P(X > Y) − P(X < Y) as effect size. "Overall" first turns each token's value into its percentile rank within
 its layer and averages those over layers, so no layer's scale dominates. RQ2 takes the long-range Retrieval tokens
-(previous occurrence at least ``long_range`` tokens back, default 16 = the official inner mini-batch, so the earlier
-occurrence can only act through the hidden state), and for each one compares its mean within-layer percentile in
+(previous occurrence at least ``long_range`` tokens back, default 16 = TTT's official inner mini-batch, so the
+earlier occurrence can only act through the memory state), and for each one compares its mean within-layer percentile in
 the middle + deep thirds of the layers with that in the early third: a paired two-sided Wilcoxon signed-rank test,
 effect size the matched-pairs rank-biserial correlation (in [−1, 1], like δ). Percentiles make layers with very
 different scales comparable and ask "is this token's update unusually large *for this layer*". Caveat: tokens of
@@ -62,11 +67,10 @@ from scipy import stats
 from src.analysis.buckets import BUCKETS, NOVELTY, RETRIEVAL, SYNTAX, BatchBuckets
 from src.atomic import atomic_write
 from src.errors import EngramError
+from src.models import plasticity as schema
 
-TOKEN_METRICS: tuple[str, ...] = ("grad_norm", "g_norm", "lr", "tau", "loss_pre", "loss_init", "loss_post")
-OPTIONAL_TOKEN_METRICS: tuple[str, ...] = ("k_norm", "z_std", "r_norm")
-MINIBATCH_METRICS: tuple[str, ...] = ("delta_w_norm",)
-OPTIONAL_MINIBATCH_METRICS: tuple[str, ...] = ("delta_b_norm",)
+TOKEN_METRICS: tuple[str, ...] = tuple(schema.TOKEN_METRICS)  # every family's, update_norm first
+MINIBATCH_METRICS: tuple[str, ...] = tuple(schema.CHUNK_METRICS)  # delta_w_norm first
 TOKEN_KEYS: tuple[str, ...] = ("run", "step", "sequence", "position")  # one token occurrence
 TOKEN_COLUMNS: tuple[str, ...] = (
     "run",
@@ -83,18 +87,22 @@ TOKEN_COLUMNS: tuple[str, ...] = (
 MINIBATCH_COLUMNS: tuple[str, ...] = ("run", "step", "sequence", "layer", "head", "minibatch")
 
 METRIC_LABELS: dict[str, str] = {
-    "grad_norm": r"$\|\nabla_W \ell\| = \|k\|\,\|g\|$",
+    "update_norm": r"update norm $\|u_t\|$",
     "g_norm": r"$\|g\|$",
+    "k_norm": r"$\|k\|$",
     "lr": "inner learning rate",
     "tau": r"$\tau$",
     "loss_pre": r"$\ell_{pre}$",
     "loss_init": r"$\ell_{init}$",
     "loss_post": r"$\ell_{post}$",
-    "k_norm": r"$\|k\|$",
-    "z_std": "std(Z)",
-    "r_norm": r"$\|r\|$",
-    "delta_w_norm": r"$\|\Delta W\|_F$",
-    "delta_b_norm": r"$\|\Delta b\|$",
+    "surprise_past": r"past surprise $\|S_t\|_F$",
+    "theta": r"step size $\theta_t$",
+    "eta": r"momentum $\eta_t$",
+    "alpha": r"forgetting $\alpha_t$",
+    "write_strength": r"write strength $\beta_t$",
+    "write_cos": "write cos (value, prototype)",
+    "read_cos": "read cos (raw, cleaned)",
+    "delta_w_norm": r"$\|\Delta M\|_F$ per chunk",
 }
 BUCKET_COLORS: dict[str, str] = {"Syntax": "#4c72b0", "Retrieval": "#dd8452", "Novelty": "#55a868", "Other": "#a0a0a0"}
 MEMORY_BUCKETS: tuple[str, ...] = (NOVELTY, RETRIEVAL)
@@ -109,8 +117,9 @@ def _numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _metric_names(capture: Mapping[str, Any], required: tuple[str, ...], optional: tuple[str, ...]) -> list[str]:
-    return [*required, *(m for m in optional if m in capture)]
+def _metric_names(capture: Mapping[str, Any], names: tuple[str, ...]) -> list[str]:
+    # names[0] is the required metric: listed even when absent, so that the check below names it as missing
+    return [m for i, m in enumerate(names) if i == 0 or m in capture]
 
 
 def build_tables(
@@ -134,10 +143,10 @@ def build_tables(
     if ids.ndim != 2 or labels.shape != ids.shape:
         raise ValueError(f"input_ids {ids.shape} and labels {labels.shape} must both be [batch, length]")
     batch, length = ids.shape
-    known = set(TOKEN_METRICS + OPTIONAL_TOKEN_METRICS + MINIBATCH_METRICS + OPTIONAL_MINIBATCH_METRICS)
+    known = set(TOKEN_METRICS + MINIBATCH_METRICS)
     first = layers[min(layers)]
-    token_metrics = _metric_names(first, TOKEN_METRICS, OPTIONAL_TOKEN_METRICS)
-    mb_metrics = _metric_names(first, MINIBATCH_METRICS, OPTIONAL_MINIBATCH_METRICS)
+    token_metrics = _metric_names(first, TOKEN_METRICS)
+    mb_metrics = _metric_names(first, MINIBATCH_METRICS)
 
     texts = pd.Categorical(labels.token_text.ravel())
     buckets = pd.Categorical(labels.bucket.ravel(), categories=BUCKETS)
@@ -153,7 +162,7 @@ def build_tables(
         if unknown or missing:
             raise ValueError(f"layer {layer} capture: unknown keys {sorted(unknown)}, missing keys {missing}")
         arrays = {m: _numpy(capture[m]).astype(np.float32) for m in token_metrics}
-        heads = arrays["grad_norm"].shape[1] if arrays["grad_norm"].ndim == 3 else -1
+        heads = arrays[schema.UPDATE_NORM].shape[1] if arrays[schema.UPDATE_NORM].ndim == 3 else -1
         for name, arr in arrays.items():
             if arr.shape != (batch, heads, length):
                 raise ValueError(
@@ -172,7 +181,7 @@ def build_tables(
             }
         )
         mb = {m: _numpy(capture[m]).astype(np.float32) for m in mb_metrics}
-        n_mb = mb["delta_w_norm"].shape[-1]
+        n_mb = mb[schema.DELTA_W_NORM].shape[-1]
         for name, arr in mb.items():
             if arr.shape != (batch, heads, n_mb):
                 raise ValueError(f"layer {layer} {name} has shape {arr.shape}; expected [B, H, n_minibatch]")
@@ -244,7 +253,7 @@ def read_tables(paths: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame
                 f"plasticity table {str(p)!r} does not exist; pass a .parquet file written by write_tables"
             )
         df = pd.read_parquet(p)
-        missing = [c for c in (*TOKEN_COLUMNS, "grad_norm") if c not in df.columns]
+        missing = [c for c in (*TOKEN_COLUMNS, schema.UPDATE_NORM) if c not in df.columns]
         if missing:
             raise EngramError(f"{str(p)!r} is not a plasticity token table: it lacks the columns {missing}")
         tokens.append(df)
@@ -366,7 +375,7 @@ def token_layer_matrix(token_df: pd.DataFrame, metric: str) -> tuple[pd.DataFram
 
 
 def _metric_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c in TOKEN_METRICS + OPTIONAL_TOKEN_METRICS]
+    return [c for c in df.columns if c in TOKEN_METRICS]
 
 
 def _within_layer_percentiles(values: pd.DataFrame) -> pd.DataFrame:
@@ -443,7 +452,7 @@ def _float(x: float) -> float | None:
     return None if x is None or not math.isfinite(float(x)) else float(x)
 
 
-def report(token_df: pd.DataFrame, metric: str = "grad_norm", long_range: int = 16, alpha: float = 0.05) -> dict:
+def report(token_df: pd.DataFrame, metric: str = schema.UPDATE_NORM, long_range: int = 16, alpha: float = 0.05) -> dict:
     """The RQ1 / RQ2 report as a JSON-ready dict (NaN becomes ``None``)."""
     values, tokens = token_layer_matrix(token_df, metric)
     counts = tokens["bucket"].astype(str).value_counts()
@@ -575,12 +584,12 @@ def layer_time_matrix(df: pd.DataFrame, metric: str, time: str = "position") -> 
 
 
 def plot_layer_time_heatmap(
-    df: pd.DataFrame, path: str | Path, metric: str = "grad_norm", time: str = "position"
+    df: pd.DataFrame, path: str | Path, metric: str = schema.UPDATE_NORM, time: str = "position"
 ) -> Path:
     """Layer × Time heat-map as a PNG: raw means (top) and the same z-scored within each layer (bottom)."""
     mat = layer_time_matrix(df, metric, time)
     raw = mat.to_numpy(dtype=np.float64)
-    # Raw values span orders of magnitude (the first mini-batch is read at the learned initial state), so both panels
+    # Raw values span orders of magnitude (TTT's first mini-batch is read at the learned initial state), so both panels
     # work on log10 where every value is positive; otherwise on the values themselves.
     positive = bool(np.all(raw[np.isfinite(raw)] > 0))
     shown = np.log10(raw) if positive else raw
@@ -592,7 +601,8 @@ def plot_layer_time_heatmap(
     what = "token position" if time == "position" else time.replace("_", " ")
 
     # A bare Figure renders with Agg and keeps no pyplot state, so no backend switch and nothing to close.
-    fig = Figure(figsize=(11, 2.2 + 0.55 * len(layers)), layout="constrained")
+    # at least 4 inches: with one layer (EMMA's trace) the colour-bar labels would not fit the panels
+    fig = Figure(figsize=(11, max(4.0, 2.2 + 0.55 * len(layers))), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
     limit = float(np.nanmax(np.abs(normed))) or 1.0
     raw_label = f"log10 mean {_label(metric)}" if positive else f"mean {_label(metric)}"
@@ -621,7 +631,7 @@ def plot_layer_time_heatmap(
 
 
 def bucket_summary(
-    token_df: pd.DataFrame, metric: str = "grad_norm", n_resamples: int = 2000, seed: int = 0
+    token_df: pd.DataFrame, metric: str = schema.UPDATE_NORM, n_resamples: int = 2000, seed: int = 0
 ) -> pd.DataFrame:
     """Per layer and bucket: n, mean and 95% bootstrap CI of the per-token head-mean of ``metric``."""
     values, tokens = token_layer_matrix(token_df, metric)
@@ -638,7 +648,7 @@ def bucket_summary(
     return pd.DataFrame(rows)
 
 
-def plot_bucket_bars(summary: pd.DataFrame, path: str | Path, metric: str = "grad_norm") -> Path:
+def plot_bucket_bars(summary: pd.DataFrame, path: str | Path, metric: str = schema.UPDATE_NORM) -> Path:
     """Grouped bars (layer × bucket) of the means in :func:`bucket_summary` with their 95% bootstrap intervals."""
     layers = sorted(summary["layer"].unique())
     present = [b for b in BUCKETS if (summary.loc[summary["bucket"] == b, "n"] > 0).any()]
@@ -677,36 +687,37 @@ def telemetry_rows(
     token_df: pd.DataFrame,
     minibatch_df: pd.DataFrame | None = None,
     *,
-    detail_metric: str = "grad_norm",
+    family: str,
+    detail_metric: str = schema.UPDATE_NORM,
     position_bin: int | None = None,
-    prefix: str = "ttt",
 ) -> list[Row]:
-    """Summary events ``(metric, value, layer, head, position)`` for ``TelemetryWriter.emit_many``.
+    """Summary events ``(metric, value, layer, head, position)`` for ``TelemetryWriter.emit_many``, named after the
+    model ``family`` that emitted the records (``ttt``, ``titans``, ``emma``: a LightningModule's ``family``).
 
-    * ``{prefix}/{m}`` per layer, for every metric column ``m`` (mean over all rows of the layer);
-    * ``{prefix}/{m}/{bucket}`` per layer and bucket (bucket in lower case), for every metric;
-    * ``{prefix}/{detail_metric}`` per layer and head;
-    * with ``position_bin``: ``{prefix}/{detail_metric}`` per layer and position bin (``position`` = bin start);
-    * ``{prefix}/{m}`` per layer for the mini-batch metrics (``delta_w_norm`` ...).
+    * ``{family}/{m}`` per layer, for every metric column ``m`` (mean over all rows of the layer);
+    * ``{family}/{m}/{bucket}`` per layer and bucket (bucket in lower case), for every metric;
+    * ``{family}/{detail_metric}`` per layer and head;
+    * with ``position_bin``: ``{family}/{detail_metric}`` per layer and position bin (``position`` = bin start);
+    * ``{family}/{m}`` per layer for the chunk metrics (``delta_w_norm`` ...).
     """
     rows: list[Row] = []
     metrics = _metric_columns(token_df)
     by_layer = token_df.groupby("layer", observed=True)[metrics].mean()
     for layer, vals in by_layer.iterrows():
-        rows += [(f"{prefix}/{m}", float(vals[m]), int(layer), None, None) for m in metrics]
+        rows += [(f"{family}/{m}", float(vals[m]), int(layer), None, None) for m in metrics]
     by_bucket = token_df.groupby(["layer", "bucket"], observed=True)[metrics].mean()
     for (layer, bucket), vals in by_bucket.iterrows():
-        rows += [(f"{prefix}/{m}/{str(bucket).lower()}", float(vals[m]), int(layer), None, None) for m in metrics]
+        rows += [(f"{family}/{m}/{str(bucket).lower()}", float(vals[m]), int(layer), None, None) for m in metrics]
     by_head = token_df.groupby(["layer", "head"], observed=True)[detail_metric].mean()
-    rows += [(f"{prefix}/{detail_metric}", float(v), int(la), int(h), None) for (la, h), v in by_head.items()]
+    rows += [(f"{family}/{detail_metric}", float(v), int(la), int(h), None) for (la, h), v in by_head.items()]
     if position_bin:
         bins = (token_df["position"] // position_bin) * position_bin
         by_pos = token_df.groupby([token_df["layer"], bins.rename("bin")], observed=True)[detail_metric].mean()
-        rows += [(f"{prefix}/{detail_metric}", float(v), int(la), None, int(p)) for (la, p), v in by_pos.items()]
+        rows += [(f"{family}/{detail_metric}", float(v), int(la), None, int(p)) for (la, p), v in by_pos.items()]
     if minibatch_df is not None:
-        mb_metrics = [c for c in minibatch_df.columns if c in MINIBATCH_METRICS + OPTIONAL_MINIBATCH_METRICS]
+        mb_metrics = [c for c in minibatch_df.columns if c in MINIBATCH_METRICS]
         for layer, vals in minibatch_df.groupby("layer", observed=True)[mb_metrics].mean().iterrows():
-            rows += [(f"{prefix}/{m}", float(vals[m]), int(layer), None, None) for m in mb_metrics]
+            rows += [(f"{family}/{m}", float(vals[m]), int(layer), None, None) for m in mb_metrics]
     return rows
 
 
@@ -718,7 +729,7 @@ def analyse(
     out_dir: str | Path,
     *,
     minibatch_df: pd.DataFrame | None = None,
-    metric: str = "grad_norm",
+    metric: str = schema.UPDATE_NORM,
     long_range: int = 16,
     alpha: float = 0.05,
     n_resamples: int = 2000,
@@ -754,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--table", nargs="+", required=True, help="token table(s) (.parquet) from write_tables")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--metric", default="grad_norm", help="metric column to analyse (default: grad_norm)")
+    parser.add_argument("--metric", default=schema.UPDATE_NORM, help="metric column to analyse (default: update_norm)")
     parser.add_argument("--long-range", type=int, default=16, help="RQ2: minimum retrieval distance in tokens")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level for the verdicts")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per interval")

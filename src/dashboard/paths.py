@@ -1,6 +1,6 @@
 """The one gate between a name in a request and a file on disk: everything the dashboard reads goes through here.
 
-A request names a run (``ttt_quickstart/v0``) or a file inside one (``plasticity/train/heatmap_grad_norm.png``) as a
+A request names a run (``ttt_quickstart/v0``) or a file inside one (``plasticity/train/heatmap_update_norm.png``) as a
 relative path below the runs root. :func:`safe_path` accepts only plain relative paths whose parts are ordinary names
 and whose real location (all symlinks followed) is still under the real root; anything else is refused with
 :class:`Refused`, which the server answers with 404, never with content. URL decoding happens once, in the server;

@@ -1,8 +1,10 @@
 """The plasticity panel: a Layer × Time (token position) heatmap and per-bucket bars from a run's parquet tables.
 
 Tables are ``<run>/plasticity/<stage>/step<S>_batch<B>.parquet`` (``callbacks/plasticity.py``; one row per sequence,
-layer, head and position). Only the columns drawn are read, each table once per mtime; values are averaged over
-sequences and heads, like the heatmaps ``src/analysis/plasticity.py`` draws.
+layer, head and position), for any memory family: the metrics offered are those of the schema
+(``src/models/plasticity.py``) that the tables hold, ``update_norm`` first. Only the columns drawn are read, each
+table once per mtime; values are averaged over sequences and heads, like the heatmaps ``src/analysis/plasticity.py``
+draws.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from src.analysis.buckets import BUCKETS
+from src.models.plasticity import TOKEN_METRICS, UPDATE_NORM
 
 STAGES = ("train", "val", "test", "predict")  # callbacks/plasticity.py writes these folders
-METRICS = ("grad_norm", "g_norm", "lr", "tau", "loss_pre", "loss_post", "k_norm")
+METRICS = tuple(TOKEN_METRICS)  # every family's per-token metrics; a table holds its family's subset
 MAX_POSITIONS = 512  # heatmap columns; longer sequences are averaged into bins
 MAX_CACHED_TABLES = 64
 _TABLE = re.compile(r"step(\d+)_batch(\d+)\.parquet")
@@ -90,6 +93,9 @@ class PlasticityView:
         stage = stage if stage in tables else next(iter(tables))
         steps = sorted(tables[stage])
         step = step if step in tables[stage] else steps[-1]
+        columns = set(pq.read_schema(tables[stage][step][0]).names)
+        metrics = [m for m in METRICS if m in columns]
+        metric = metric if metric in metrics else UPDATE_NORM  # e.g. g_norm asked of an EMMA run: its update_norm
         parts = [self._aggregate(p, metric) for p in tables[stage][step]]
         layers = max(p["layers"] for p in parts)
         positions = max(p["positions"] for p in parts)
@@ -120,6 +126,7 @@ class PlasticityView:
             "steps": steps,
             "step": step,
             "metric": metric,
+            "metrics": metrics,
             "layers": layers,
             "position_bin": width,
             "positions": columns,

@@ -216,7 +216,7 @@ class Dashboard:
             return _not_found()
         except ValueError:
             return _bad("step must be an integer")
-        metric = request.query_params.get("metric", "grad_norm")
+        metric = request.query_params.get("metric", "update_norm")
         if metric not in PLASTICITY_METRICS:
             return _bad(f"metric must be one of {', '.join(PLASTICITY_METRICS)}")
         if not run_dir.is_dir():

@@ -1,6 +1,7 @@
 """The EMMA family in Lightning: ``EmmaModel`` (``src/models/emma``) trained on needle retrieval or ListOps-lite,
 with the hooks ``callbacks/infonce_gate.py`` drives (``infonce_weight``, ``write_enabled``, ``oracle_mix``,
-``read_cos``) and the model's telemetry logged every step as ``emma/<key>``."""
+``read_cos``), the plasticity-capture hook ``callbacks/plasticity.py`` uses, and the model's telemetry logged every
+step as ``emma/<key>``."""
 
 from __future__ import annotations
 
@@ -120,6 +121,16 @@ class EmmaLM(EngramModule):
             metric.update(out.logits.float(), batch["label"])
             self.log(f"{stage}/acc", metric, prog_bar=True)
         self._log_telemetry(out, stage)
+
+    # --- the plasticity hook (callbacks/plasticity.py) ------------------------------------------------------
+    def set_capture(self, enabled: bool) -> None:
+        """Record (or stop recording) the trace's per-token writes, write gates and read/write cosines."""
+        self.model.set_capture(enabled)
+
+    def plasticity_records(self) -> list[dict[str, torch.Tensor]]:
+        """The trace's record of the latest captured forward, one layer (schema ``src.models.plasticity``, EMMA's
+        keys ``src.models.emma.PLASTICITY_KEYS``)."""
+        return self.model.plasticity_records()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -91,9 +91,10 @@ class TTTLM(LanguageModel):
 
     # --- the plasticity hook (callbacks/plasticity.py) ------------------------------------------------------
     def set_capture(self, enabled: bool) -> None:
-        """Record (or stop recording) inner-loop gradient norms, learning rates and losses on the next forwards."""
+        """Record (or stop recording) inner-loop update norms, learning rates and losses on the next forwards."""
         self.model.set_capture(enabled)
 
     def plasticity_records(self) -> list[dict[str, torch.Tensor]]:
-        """Per layer, the records of the latest captured forward (keys: ``src.models.ttt.PLASTICITY_KEYS``)."""
+        """Per layer, the records of the latest captured forward (schema ``src.models.plasticity``, TTT's keys
+        ``src.models.ttt.PLASTICITY_KEYS``)."""
         return self.model.plasticity_records()

@@ -19,7 +19,7 @@ const CHARTS = [
   { id: "absorption", title: "Mem-Absorption (bits per million tokens)", m: ["mem_absorption/rate", "mem_absorption/spike", "mem_absorption/gen_gap"],
     hide: ["mem_absorption/spike"], right: ["mem_absorption/gen_gap"], spikes: { of: "mem_absorption/rate", flag: "mem_absorption/spike" } },
   { id: "weightdelta", title: "Weight-Δ per layer and group", kind: "heat", wide: true },
-  { id: "ttt", title: "TTT inner gradient norm per layer", m: ["ttt/grad_norm"], perLayer: true },
+  { id: "update_norm", title: "Plasticity: update norm per layer", m: ["ttt/update_norm", "titans/update_norm", "emma/update_norm"], perLayer: true },
   { id: "gate", title: "EMMA gate", m: ["gate/lambda", "gate/open", "gate/write_enabled", "gate/lr_scale"], right: ["gate/open", "gate/write_enabled"], stepped: true },
   { id: "router", title: "Temporal LoRA router weights", p: ["train/routing/mean_weight/", "val/routing/mean_weight/"] },
 ];
@@ -259,7 +259,7 @@ class WeightDeltaCard {
 
 class PlasticityCard {
   constructor(parent, run) {
-    this.run = run; this.stage = null; this.step = null; this.metric = "grad_norm"; this.signature = "";
+    this.run = run; this.stage = null; this.step = null; this.metric = "update_norm"; this.signature = "";
     this.canvas = h("canvas", { height: 10, width: 10 });
     this.labels = h("div", { class: "labels" });
     this.controls = h("span", {});
@@ -276,7 +276,7 @@ class PlasticityCard {
     try { d = await api("/api/plasticity", { run: this.run, stage: this.stage, step: this.step, metric: this.metric }); }
     catch (err) { return; }
     if (!d.stages || !d.stages.length) return;
-    const signature = JSON.stringify([d.stage, d.step, d.steps, d.metric, d.images]);
+    const signature = JSON.stringify([d.stage, d.step, d.steps, d.metric, d.metrics, d.images]);
     if (signature === this.signature) return;
     this.signature = signature;
     this.el.hidden = false;
@@ -284,7 +284,7 @@ class PlasticityCard {
     this.controls.replaceChildren(
       sel(d.stages, d.stage, (v) => { this.stage = v; this.step = null; this.refresh(); }),
       sel(d.steps, d.step, (v) => { this.step = v; this.refresh(); }),
-      sel(["grad_norm", "g_norm", "lr", "tau", "loss_pre", "loss_post", "k_norm"], d.metric, (v) => { this.metric = v; this.refresh(); }));
+      sel(d.metrics, d.metric, (v) => { this.metric = v; this.refresh(); }));
     this.canvas.style.height = `${Math.max(60, d.layers * 22)}px`;
     const [lo, hi] = drawHeat(this.canvas, d.layers, d.positions, (r, c) => d.heat[r][c], false);
     this.labels.replaceChildren(...Array.from({ length: d.layers }, (_, i) => { const el = h("div", {}, `layer ${i}`); el.style.height = `${Math.max(60, d.layers * 22) / d.layers}px`; return el; }));

@@ -3,6 +3,9 @@
 from src.models.emma.deq import DEQSettings, SolverStats, anderson, deq_fixed_point, fixed_point_iter
 from src.models.emma.losses import info_nce
 from src.models.emma.model import (
+    PLASTICITY_CHUNK_KEYS,
+    PLASTICITY_KEYS,
+    PLASTICITY_TOKEN_KEYS,
     TELEMETRY_KEYS,
     EmmaConfig,
     EmmaModel,
@@ -12,6 +15,9 @@ from src.models.emma.model import (
 )
 
 __all__ = [
+    "PLASTICITY_CHUNK_KEYS",
+    "PLASTICITY_KEYS",
+    "PLASTICITY_TOKEN_KEYS",
     "TELEMETRY_KEYS",
     "DEQSettings",
     "EmmaConfig",

@@ -25,6 +25,12 @@ Data flow for a batch ``input_ids [B, T]`` (``D = d_model``, ``d = d_mem``):
 The forward returns ``EmmaOutput`` with the logits, the raw reads at supervised positions (for the InfoNCE
 loss, see ``EmmaModel.infonce_loss``) and a telemetry dict of detached scalars (keys in ``TELEMETRY_KEYS``).
 
+Plasticity capture (the hook of every memory family, schema in ``src/models/plasticity.py``): after
+``model.set_capture(True)`` every forward records, from tensors it already has, per token the write's norm
+(``update_norm``), β_t, the value's and the read's prototype cosines, and per block of ``plasticity_chunk`` tokens
+‖ΔM‖ of the trace; keys in ``PLASTICITY_KEYS``. The trace is one memory, so the record has one layer and H = 1.
+With capture off nothing extra is computed or kept.
+
 Training controls set per batch by the InfoNCE-gate callback (passed as forward arguments by the
 LightningModule): ``oracle_mix`` (blend the true prototype into the cleaned read at supervised positions) and
 ``write_enabled`` (False = the trace is still written, but no gradient reaches the write path: keys, values,
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -49,6 +56,7 @@ from src.models.config_checks import OVERRIDES_KEY, check_fields, check_known
 from src.models.emma import hrr
 from src.models.emma.deq import DEQSettings, SolverStats, deq_fixed_point
 from src.models.emma.losses import info_nce
+from src.models.plasticity import captured
 
 IGNORE_INDEX = -100
 
@@ -66,6 +74,22 @@ TELEMETRY_KEYS = (
     "deq_iterations",  # forward solver iterations run for the batch
     "deq_nstep_mean",  # mean iteration at which each sample's returned iterate was reached
 )
+
+# The record of the trace after a captured forward (float32, detached; src/models/plasticity.py has the schema).
+# Per token t, [B, 1, T] (positions that cannot write, padding and t = 0, have β_t = 0 and update_norm 0):
+#   update_norm     ‖write_t‖ = β_t·‖key_{t−1} ⊛ value_t‖ (β_t with renorm="write"): the increment added to the
+#                   trace, before the decay of the next step and before any trace renormalisation (unit/clip)
+#   write_strength  β_t = write_strength · σ(write_gate(z*_t)) · (t and t−1 are real tokens)
+#   write_cos       max_j cos(value_t, prototype_j) (the per-token quantity behind the write_cos telemetry)
+#   read_cos        cos(r_t, clean(r_t)): the raw read of M_t with query_t against its cleaned-up read (oracle mix not
+#                   applied); for classify every position is read for the record, though only the last is used
+# Per block n of ``plasticity_chunk`` tokens (the last one may be shorter), [B, 1, ceil(T / chunk)]:
+#   delta_w_norm    ‖M_end − M_start‖: the trace after the block's last token minus the trace before its first one
+#                   (the zero trace for block 0); decay and renormalisation included
+# Also ``position`` [T] int64 = 0..T−1.
+PLASTICITY_TOKEN_KEYS = ("update_norm", "write_strength", "write_cos", "read_cos")
+PLASTICITY_CHUNK_KEYS = ("delta_w_norm",)
+PLASTICITY_KEYS = (*PLASTICITY_TOKEN_KEYS, *PLASTICITY_CHUNK_KEYS, "position")
 
 
 @dataclass
@@ -97,6 +121,7 @@ class EmmaConfig:
     read_top_k: int = 0  # read sharpening: keep the top-k prototype similarities (0 = all)
     readout_temperature: float = 0.1  # τ_out for the memory logits
     collision_positions: int = 64  # telemetry: how many most-written keys per sequence enter the collision count
+    plasticity_chunk: int = 16  # plasticity capture: ‖ΔM‖ per block of this many tokens (TTT's mini-batch size)
 
     def __post_init__(self) -> None:
         if isinstance(self.deq, dict):
@@ -139,6 +164,7 @@ RANGES = {
     "read_top_k": ">= 0",
     "readout_temperature": "> 0",
     "collision_positions": ">= 1",
+    "plasticity_chunk": ">= 1",
 }
 
 PRESETS: dict[str, EmmaConfig] = {
@@ -239,6 +265,8 @@ class EmmaModel(nn.Module):
         self.norm = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.n_prototypes)
         self.read_gate = nn.Linear(c.d_model, 1)
+        self.capture = False
+        self.plasticity: dict[str, Tensor] | None = None
 
     # --- pieces -------------------------------------------------------------------------------------------
     def value_prototypes(self) -> Tensor:
@@ -347,7 +375,8 @@ class EmmaModel(nn.Module):
         write_keys = F.pad(keys[:, :-1], (0, 0, 1, 0))
         if not write_enabled:
             write_keys, values, beta = write_keys.detach(), values.detach(), beta.detach()
-        traces = self._accumulate(self._writes(write_keys, values, beta))
+        writes = self._writes(write_keys, values, beta)
+        traces = self._accumulate(writes)
 
         if c.task == "lm":
             reads, states = hrr.unbind(traces, queries), z  # [B, T, d], [B, T, D]
@@ -385,10 +414,17 @@ class EmmaModel(nn.Module):
         logits = self.head(self.norm(states)) + F.softplus(self.read_gate(states)) * memory_logits.to(states.dtype)
 
         stats_out: dict[str, Tensor] = {}
-        if telemetry:
+        if telemetry or self.capture:
             with torch.no_grad():
-                stats_out = self._write_telemetry(values, protos, write_keys, beta, gate, mask * prev_mask, stats)
-                if supervised is not None and sup_targets.numel() > 0:
+                proto_cos = hrr.cosine_matrix(values, protos).amax(dim=-1)  # [B, T] max_j cos(value_t, prototype_j)
+                if self.capture:
+                    lm = c.task == "lm"
+                    self.plasticity = self._measure(
+                        writes, traces, queries, protos, beta, proto_cos, reads if lm else None, cleaned if lm else None
+                    )
+                if telemetry:
+                    stats_out = self._write_telemetry(proto_cos, write_keys, beta, gate, mask * prev_mask, stats)
+                if telemetry and supervised is not None and sup_targets.numel() > 0:
                     true = protos[sup_targets]
                     sup_cleaned = cleaned.reshape(-1, c.d_mem)[supervised]
                     sup_weights = weights.reshape(-1, protos.shape[0])[supervised]
@@ -399,19 +435,18 @@ class EmmaModel(nn.Module):
 
     def _write_telemetry(
         self,
-        values: Tensor,
-        protos: Tensor,
+        proto_cos: Tensor,
         write_keys: Tensor,
         beta: Tensor,
         gate: Tensor,
         real: Tensor,
         stats: SolverStats,
     ) -> dict[str, Tensor]:
-        """Write-side and solver scalars; ``real`` marks positions that can write (a real token and one before)."""
+        """Write-side and solver scalars; ``proto_cos`` [B, T] is max_j cos(value_t, prototype_j) and ``real`` marks
+        positions that can write (a real token and one before)."""
         out: dict[str, Tensor] = {}
         beta_sum = beta.sum().clamp_min(1e-12)
-        best_proto_cos = hrr.cosine_matrix(values, protos).amax(dim=-1)  # [B, T]
-        out["write_cos"] = (beta * best_proto_cos).sum() / beta_sum
+        out["write_cos"] = (beta * proto_cos).sum() / beta_sum
         # Collisions among the keys that were actually written: the n most-written positions of each sequence.
         n = min(self.config.collision_positions, beta.shape[1])
         top_beta, top_idx = beta.topk(n, dim=1)
@@ -425,6 +460,63 @@ class EmmaModel(nn.Module):
         out["deq_iterations"] = torch.tensor(float(stats.iterations))
         out["deq_nstep_mean"] = stats.nstep.float().mean()
         return {key: value.detach().float() for key, value in out.items()}
+
+    # --- plasticity capture (src/models/plasticity.py) ---------------------------------------------------------
+    def set_capture(self, enabled: bool) -> None:
+        """Record (or stop recording) the trace's per-token writes on the next forwards; off drops the record."""
+        self.capture = enabled
+        if not enabled:
+            self.plasticity = None
+
+    def plasticity_records(self) -> list[dict[str, Tensor]]:
+        """The ``PLASTICITY_KEYS`` record of the latest forward with capture on: one layer (the trace), H = 1."""
+        if self.plasticity is None:
+            raise EngramError("no plasticity records: run a forward pass with capture on (set_capture(True)) first.")
+        return [self.plasticity]
+
+    def capture_plasticity(self) -> AbstractContextManager[list[dict[str, Tensor]]]:
+        """``with model.capture_plasticity() as records: model(ids)``; capture is off again afterwards."""
+        return captured(self)
+
+    def _measure(
+        self,
+        writes: Tensor,
+        traces: Tensor,
+        queries: Tensor,
+        protos: Tensor,
+        beta: Tensor,
+        proto_cos: Tensor,
+        reads: Tensor | None,
+        cleaned: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """The ``PLASTICITY_KEYS`` record of this forward from its [B, T, ...] tensors (call under no_grad).
+
+        ``reads``/``cleaned``: the raw and cleaned reads of every position (lm), or None (classify, which reads only
+        the last token): then they are computed here, for the record only.
+        """
+        c = self.config
+        if reads is None or cleaned is None:
+            reads = hrr.unbind(traces, queries)
+            cleaned, _ = hrr.cleanup(
+                reads, protos, mode=c.cleanup, temperature=c.cleanup_temperature, top_k=c.read_top_k
+            )
+        seq_len = beta.shape[1]
+        starts = torch.arange(0, seq_len, c.plasticity_chunk, device=traces.device)
+        ends = (starts + c.plasticity_chunk).clamp_max(seq_len)
+        # with the zero trace prepended, index s holds M_{s−1}: the trace before a block's first token
+        before, after = F.pad(traces, (0, 0, 1, 0))[:, starts], traces[:, ends - 1]
+        per_chunk = {"delta_w_norm": (after - before).norm(dim=-1)}
+        per_token = {
+            "update_norm": writes.norm(dim=-1),
+            "write_strength": beta,
+            "write_cos": proto_cos,
+            # float32 both: under autocast the clean-up's matmul may have run in half precision
+            "read_cos": F.cosine_similarity(reads.float(), cleaned.float(), dim=-1),
+        }
+        # float32 and detached (the forward graph must not outlive the step), one head: [B, T] -> [B, 1, T]
+        record = {key: value.detach().float().unsqueeze(1) for key, value in {**per_token, **per_chunk}.items()}
+        record["position"] = torch.arange(seq_len, device=traces.device)
+        return record
 
     def infonce_loss(self, output: EmmaOutput, temperature: float = 0.07) -> Tensor:
         """InfoNCE of the raw reads against the whole prototype codebook (positive = the true prototype)."""

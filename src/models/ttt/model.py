@@ -36,17 +36,18 @@ Speed: plain PyTorch by default. ``TTTConfig.compile_inner_step`` runs the scan 
 so ``torch.compile(model)`` works (fullgraph when the scan is not compiled separately) and a whole training step can
 be captured in one CUDA graph (``bench/ttt_lm.py --modes cudagraph``).
 
-Plasticity capture: ``model.set_capture(True)`` (or ``with model.capture_plasticity() as records:``) makes every
-TTT layer record, from tensors it already has, per-head per-token inner-gradient norms, learning rates and inner
-losses, and per-mini-batch weight-update norms; see ``PLASTICITY_KEYS``. When capture is off nothing extra is
-computed or kept.
+Plasticity capture (the hook of every memory family, schema in ``src/models/plasticity.py``):
+``model.set_capture(True)`` (or ``with model.capture_plasticity() as records:``) makes every TTT layer record, from
+tensors it already has, per-head per-token update norms (inner-gradient norms), learning rates and inner losses,
+and per-mini-batch weight-update norms; see ``PLASTICITY_KEYS``. When capture is off nothing extra is computed or
+kept.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -55,27 +56,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.errors import EngramError
+from src.models.plasticity import captured
 from src.models.ttt.config import TTTConfig
 
 TTT_NORM_EPS = 1e-6  # eps of the inner LayerNorm (official ln_fwd / ln_fused_l2_bwd)
 
-# Records of one TTT layer after a captured forward (all float32/float64, detached, on the layer's device).
-# Per token, shape [B, H, L] (L = tokens of that forward call):
-#   grad_norm  ‖∇_W ℓ_t‖_F: TTT-Linear ‖k_t‖·‖g_t‖; TTT-MLP the Frobenius norm over both inner weight matrices,
-#              sqrt((‖k_t‖‖g1_t‖)² + (‖x2_t‖‖g2_t‖)²). Gradient at the mini-batch start state W_n.
-#   g_norm     ‖g_t‖ = ‖∂ℓ_t/∂Z_t‖ for the inner model's output Z (= ‖∇_b ℓ_t‖ for TTT-Linear)
-#   k_norm     ‖k_t‖, the inner model's input (key after projection, conv and rotary embedding)
-#   lr         lr_t = ttt_base_lr · σ(a_h·x_t + c_h) / f, the per-token inner learning rate
-#   tau        τ_i = max(0, 1/(i+1) + learnable_token_idx[i]), i = position of the token in its mini-batch
-#   loss_pre   ℓ_t at the mini-batch start state W_n (the loss whose gradient is used)
-#   loss_init  ℓ_t at the layer's learned initial state W_0 (the parameters W1, b1, ...)
-#   loss_post  ℓ_t at W_{n,i}, i.e. after the token's own update (the weights its output is read with)
+# Records of one TTT layer after a captured forward (all float32/float64, detached, on the layer's device), in the
+# schema of src/models/plasticity.py (the chunk is the mini-batch, K tokens). Per token, shape [B, H, L] (L = tokens
+# of that forward call):
+#   update_norm  ‖∇_W ℓ_t‖_F: TTT-Linear ‖k_t‖·‖g_t‖; TTT-MLP the Frobenius norm over both inner weight matrices,
+#                sqrt((‖k_t‖‖g1_t‖)² + (‖x2_t‖‖g2_t‖)²). Gradient at the mini-batch start state W_n.
+#   g_norm       ‖g_t‖ = ‖∂ℓ_t/∂Z_t‖ for the inner model's output Z (= ‖∇_b ℓ_t‖ for TTT-Linear)
+#   k_norm       ‖k_t‖, the inner model's input (key after projection, conv and rotary embedding)
+#   lr           lr_t = ttt_base_lr · σ(a_h·x_t + c_h) / f, the per-token inner learning rate
+#   tau          τ_i = max(0, 1/(i+1) + learnable_token_idx[i]), i = position of the token in its mini-batch
+#   loss_pre     ℓ_t at the mini-batch start state W_n (the loss whose gradient is used)
+#   loss_init    ℓ_t at the layer's learned initial state W_0 (the parameters W1, b1, ...)
+#   loss_post    ℓ_t at W_{n,i}, i.e. after the token's own update (the weights its output is read with)
 # Per mini-batch, shape [B, H, M] (M = mini-batches touched by the call, in order):
 #   delta_w_norm  ‖W_end − W_n‖_F over the inner weight matrices: W_end = W_{n+1} for a mini-batch that the call
 #                 completes; for one it leaves unfinished, the weights its last token was read with, W_{n,i}.
 # Also ``position`` [L] (int64): absolute token positions; token t belongs to mini-batch
 # position[t] // K − position[0] // K of the per-mini-batch axis.
-PLASTICITY_TOKEN_KEYS = ("grad_norm", "g_norm", "k_norm", "lr", "tau", "loss_pre", "loss_init", "loss_post")
+PLASTICITY_TOKEN_KEYS = ("update_norm", "g_norm", "k_norm", "lr", "tau", "loss_pre", "loss_init", "loss_post")
 PLASTICITY_MINIBATCH_KEYS = ("delta_w_norm",)
 PLASTICITY_KEYS = (*PLASTICITY_TOKEN_KEYS, *PLASTICITY_MINIBATCH_KEYS, "position")
 
@@ -609,10 +612,10 @@ class TTTBase(nn.Module):
         z_init = self.inner_model(inp.XK.flatten(2, 3), init).view_as(inp.XK)
         z_pre, z_post = self.start_and_read(inp.XK, inp, res)
         act_norms = {w: res.acts[w].norm(dim=-1) for w in self.weight_names}
-        grad_norms = {w: res.grads[w].norm(dim=-1) for w in self.weight_names}
+        g_norms = {w: res.grads[w].norm(dim=-1) for w in self.weight_names}
         per_token = {
-            "grad_norm": torch.sqrt(sum((act_norms[w] * grad_norms[w]).square() for w in self.weight_names)),
-            "g_norm": grad_norms[self.weight_names[-1]],
+            "update_norm": torch.sqrt(sum((act_norms[w] * g_norms[w]).square() for w in self.weight_names)),
+            "g_norm": g_norms[self.weight_names[-1]],
             "k_norm": act_norms["W1"],
             "lr": inp.lr,
             "tau": inp.tau.expand(B, H, N, K),
@@ -913,14 +916,7 @@ class TTTForCausalLM(nn.Module):
             raise EngramError("no plasticity records: run a forward pass with capture on (set_capture(True)) first.")
         return records
 
-    @contextmanager
-    def capture_plasticity(self) -> Iterator[list[dict[str, Tensor]]]:
+    def capture_plasticity(self) -> AbstractContextManager[list[dict[str, Tensor]]]:
         """``with model.capture_plasticity() as records: model(ids)`` — after the block, ``records`` holds the
         per-layer records of the last forward inside it; capture is then off again and the layers keep nothing."""
-        records: list[dict[str, Tensor]] = []
-        self.set_capture(True)
-        try:
-            yield records
-            records.extend(self.plasticity_records())
-        finally:
-            self.set_capture(False)
+        return captured(self)
