@@ -4,13 +4,19 @@ of every architecture."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pandas as pd
 import pytest
 import torch
 from torch import Tensor
 
+from src.cli import main
 from src.errors import EngramError
+from src.models import plasticity
 from src.models.titans import TitansConfig, TitansForCausalLM
 from src.models.titans.memory import NeuralMemoryState
+from tests.conftest import CONFIGS
 
 ARCHITECTURES = ("mac", "mag", "mal", "lmm", "swa")
 
@@ -106,6 +112,7 @@ def test_plasticity_records_cover_the_text_tokens_of_every_memory_layer(architec
     model.set_capture(True)
     model(ids)
     records = model.plasticity_records()
+    plasticity.check_records(records)
     assert len(records) == model.config.num_layers
     for record in records:
         torch.testing.assert_close(record["position"], torch.arange(40))
@@ -133,3 +140,30 @@ def test_the_memoryless_baseline_says_it_has_no_records() -> None:
 def test_an_unknown_architecture_is_one_clear_line() -> None:
     with pytest.raises(EngramError, match="architecture"):
         TitansConfig.from_name("titans-tiny", architecture="mamba")
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm", "swa"])
+def test_every_needle_variant_trains_through_the_cli_with_plasticity_capture(variant: str, run_root: Path) -> None:
+    overlay = [] if variant == "mac" else ["--config", str(CONFIGS / "titans_needle" / f"{variant}.yaml")]
+    capture = [] if variant == "swa" else [
+        "--trainer.callbacks+=callbacks.plasticity.PlasticityCallback", "--trainer.callbacks.every_n_steps=1",
+        "--trainer.callbacks.max_sequences=2", "--trainer.callbacks.max_eval_batches=1",
+    ]  # fmt: skip
+    cli = main([
+        "fit", "--config", str(CONFIGS / "titans_needle.yaml"), *overlay,
+        "--data.init_args.seq_len", "64", "--data.init_args.batch_size", "4",
+        "--data.init_args.train_size", "8", "--data.init_args.val_size", "4",
+        "--trainer.max_steps", "2", "--trainer.max_epochs", "-1", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *capture,
+        "--run.root", str(run_root), "--run.name", variant,
+    ])  # fmt: skip
+    assert cli is not None and cli.model.config.architecture == variant and cli.trainer.global_step == 2
+    assert cli.trainer.gradient_clip_val == 1.0
+    if variant == "swa":
+        return
+    out = run_root / variant / "v0" / "plasticity" / "train"
+    tables = sorted(p for p in out.glob("step*.parquet") if not p.name.endswith(".minibatch.parquet"))
+    tokens = pd.read_parquet(tables[-1])
+    assert set(tokens["layer"]) == {0, 1} and len(tokens) == 2 * 2 * 2 * 64  # sequences x layers x heads x tokens
+    assert {"update_norm", "surprise_past", "theta", "eta", "alpha", "loss_pre"} <= set(tokens.columns)
+    assert (out / "report.md").read_text().startswith("# Plasticity report: `update_norm`")

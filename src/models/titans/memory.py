@@ -122,10 +122,10 @@ class NeuralMemory(nn.Module):
         with torch.no_grad():
             self.gates.bias.copy_(bias)
         if self.conv is not None:
-            # Start near the identity (last tap 1): the conv is then a refinement, not a random mixing of 4 tokens.
-            with torch.no_grad():
-                self.conv.weight.normal_(std=c.initializer_range)
-                self.conv.weight[..., -1] += 1.0
+            # Random taps of unit total variance (std 1/√K), not a near-identity start: q, k and v then mix the last K
+            # tokens from the first step, which associative recall needs (k from the token before the value). With the
+            # identity start (last tap 1) LMM was at 4% needle accuracy after 200 steps at L = 64; with this, 98%.
+            nn.init.normal_(self.conv.weight, std=1.0 / math.sqrt(c.conv_kernel))
         for w in self.memory_init:
             # Fan-in scaling keeps |M_0(k)| ~ |k| = 1 through the SiLU layers.
             nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[-2]))
@@ -210,10 +210,9 @@ class NeuralMemory(nn.Module):
         # scalar, so the dual form is unchanged; ‖u_t‖_F² = Σ_l ‖h_{l−1,t}‖²‖δ_{l,t}‖² (u is an outer product per layer).
         step = theta
         if c.inner_grad_clip is not None:
-            norm = torch.sqrt(
-                sum(x.square().sum(-1) * d.square().sum(-1) for x, d in zip(inputs[:-1], deltas, strict=True))
-            )
-            step = theta * (c.inner_grad_clip / norm.clamp_min(c.inner_grad_clip)).clamp(max=1.0)
+            sq_norm = sum(x.square().sum(-1) * d.square().sum(-1) for x, d in zip(inputs[:-1], deltas, strict=True))
+            # τ/‖u‖ from the squared norm clamped first: sqrt's derivative at a zero gradient would be inf (0·inf = NaN)
+            step = theta * c.inner_grad_clip * torch.rsqrt(sq_norm.clamp_min(c.inner_grad_clip**2))
 
         # Decay matrices (cumulative products as exp of sums of log-gates <= 0).
         keep_mat = segsum(log_keep).exp()  # B[t, s]
