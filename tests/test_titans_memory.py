@@ -369,3 +369,20 @@ def test_the_inner_gradient_clip_keeps_a_memory_fed_one_key_from_diverging() -> 
         sizes[clip] = max(w.abs().max().item() for w in state.weights)
     assert not sizes[None] < 1e6  # diverged (inf or NaN included)
     assert sizes[2.0] < 1e3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (inductor's CPU build takes minutes here)")
+def test_the_compiled_chunk_step_equals_the_eager_one() -> None:
+    eager = make(tiny(chunk_size=4)).float().cuda()
+    compiled = make(tiny(chunk_size=4, compile_inner_step=True)).float().cuda()
+    compiled.load_state_dict(eager.state_dict())
+    x = inputs(t=18).float().cuda().requires_grad_()  # 4 whole chunks and one of 2 tokens (a second compiled shape)
+    outs, grads = [], []
+    for memory in (eager, compiled):
+        y, _ = memory(x)
+        (g,) = torch.autograd.grad(y.square().sum(), x)
+        outs.append(y)
+        grads.append(g)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)

@@ -20,6 +20,8 @@ class TitansLM(LanguageModel):
         architecture: ``mac``, ``mag``, ``mal``, ``lmm`` (memory only) or ``swa`` (sliding-window attention only,
             the baseline without memory); see ``src/models/titans/model.py``.
         config_overrides: other ``TitansConfig`` fields, e.g. ``{memory_depth: 1, chunk_size: 4, window: 64}``.
+        compile: compile each chunk's memory step (``compile_inner_step``), for GPUs: 2.5x the eager memory's
+            training throughput on an H200 (``bench/titans.py``).
         (the optimizer arguments are EngramModule's)
     """
 
@@ -31,6 +33,7 @@ class TitansLM(LanguageModel):
         preset: str = "titans-tiny",
         architecture: str = "mac",
         config_overrides: dict[str, Any] | None = None,
+        compile: bool = False,
         lr: float = 3e-4,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -40,6 +43,8 @@ class TitansLM(LanguageModel):
         super().__init__(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         overrides = {"vocab_size": vocab_size, "architecture": architecture, **(config_overrides or {})}
+        if compile:
+            overrides["compile_inner_step"] = True
         self.config = TitansConfig.from_name(preset, **overrides)
         self.model = TitansForCausalLM(self.config)
         self.init_metrics(self.config.vocab_size)

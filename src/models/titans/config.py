@@ -99,6 +99,9 @@ class TitansConfig(PresetConfig):
     # Gate biases at init: θ = max_lr*σ(0) = max_lr/2, η = σ(0) = 0.5, α = σ(-8) ≈ 3.4e-4 (a ~3000-token horizon).
     # Not σ(-4) ≈ 0.018: a bias-free MLP memory has a saddle at W = 0 (zero weights give zero gradients for depth
     # >= 2), and at that forgetting rate a depth-2 memory decayed into it within 4K tokens (|W| ~ 1e-12, measured).
+    # torch.compile one chunk's step (its shapes are fixed per chunk size): the eager step is ~400 small kernels, so
+    # on a GPU it is launch-bound. The first call of each chunk length compiles; plasticity capture runs eager.
+    compile_inner_step: bool = False
     init_theta_bias: float = 0.0
     init_eta_bias: float = 0.0
     init_alpha_bias: float = -8.0

@@ -112,6 +112,7 @@ class NeuralMemory(nn.Module):
         # Plasticity capture (src/models/plasticity.py): while on, every forward appends its records here.
         self.capture = False
         self.captured: list[dict[str, Tensor]] = []
+        self.chunk_step = torch.compile(self.memory_chunk, dynamic=False) if config.compile_inner_step else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -332,7 +333,10 @@ class NeuralMemory(nn.Module):
         for start in range(0, total, c.chunk_size):
             end = min(start + c.chunk_size, total)
             part = (q[..., start:end, :], k[..., start:end, :], v[..., start:end, :], logits[..., start:end])
-            y, new_w, new_s = self.memory_chunk(*part, weights, momentum, records)
+            if records is None and self.chunk_step is not None:
+                y, new_w, new_s = self.chunk_step(*part, weights, momentum)
+            else:
+                y, new_w, new_s = self.memory_chunk(*part, weights, momentum, records)
             ys.append(y)
             if end - start == c.chunk_size:
                 weights, momentum = new_w, new_s
