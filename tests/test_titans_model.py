@@ -69,14 +69,14 @@ def test_sliding_window_attention_reaches_exactly_layers_times_window() -> None:
 
 
 def test_mac_retrieves_before_attending_and_writes_the_attention_output() -> None:
-    """Segment s reads h with the state the memory reaches after being written with the attention outputs y of
-    segments < s — rebuilt here by one full memory forward over those y — and writes its own y, not its input."""
+    """Segment s reads h with the state the memory reaches after being written with the y of segments < s (rebuilt
+    here by one full memory forward over those y), and y is the residual stream after attention, not the input."""
     model = build("mac", num_layers=1, segment_size=8, chunk_size=4)
     block = model.blocks[0]
     memory = block.memory
     ys: list[Tensor] = []
     read_states: list[NeuralMemoryState] = []
-    block.attention.register_forward_hook(lambda mod, inp, out: ys.append(out))
+    memory.register_forward_pre_hook(lambda mod, inp: ys.append(inp[0]))  # what each segment writes
     original_retrieve = memory.retrieve
 
     def retrieve(x: Tensor, state: NeuralMemoryState) -> Tensor:
@@ -86,6 +86,8 @@ def test_mac_retrieves_before_attending_and_writes_the_attention_output() -> Non
     memory.retrieve = retrieve  # type: ignore[method-assign]
     model(tokens(t=32))
     assert len(ys) == len(read_states) == 4
+    h = block.mixer_norm(model.embed(tokens(t=32)))
+    assert (ys[0] - h[:, :8]).abs().max() > 1e-6  # attention has changed it
     initial = memory.initial_state(2)
     for w, w0 in zip(read_states[0].weights, initial.weights, strict=True):
         torch.testing.assert_close(w, w0)

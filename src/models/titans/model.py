@@ -7,7 +7,8 @@ Every block is pre-norm with residuals: ``x = x + mixer(norm(x)); x = x + SwiGLU
   h = M*_{before}(S) is read with the memory state *before* the segment (no write); attention runs over
   [p || h || S], every token of S seeing all persistent tokens p and the h and S tokens up to itself (the paper
   shows all of h visible, but h_j is read with token j's query: causal LM needs it masked); the
-  memory is then written with the attention output y, and o = y ⊗ M(y) reads it back token by token (each token
+  memory is then written with y = S + Attn(...), the residual stream after attention, and o = y ⊗ M(y) reads it
+  back token by token (each token
   through the weights after its own write, so it stays causal). The state after the segment serves the next one.
 * ``mag``, memory as gate (Eqs. 26–28): o = SWA(x) ⊗ M(x), both branches on the same input.
 * ``mal``, memory as layer (Eqs. 29–31): x + M(x), then x + SWA(x), one after the other in the block.
@@ -166,7 +167,12 @@ class Block(nn.Module):
             segment = x[:, start : start + c.segment_size]
             retrieved = self.memory.retrieve(segment, state)  # M*_{t−1}(q_t): the state before the segment
             context = torch.cat([persistent, retrieved, segment], dim=1)
-            y = self.attention(segment, segment_mask(segment.shape[1], c.persistent_tokens, x.device), context)
+            # y: the segment's residual stream after attention. Written alone, the attention output (near-uniform
+            # mixing at init) carries no token identity for the memory's keys and values: MAC then stayed at chance
+            # on the L = 256 needle after 400 steps while LMM, written with tokens, reached 100% by step 300.
+            y = segment + self.attention(
+                segment, segment_mask(segment.shape[1], c.persistent_tokens, x.device), context
+            )
             m, state = self.memory(y, state)  # write with y, read each token back after its own write
             outs.append(self.gate(y, m))
         return torch.cat(outs, dim=1)
