@@ -51,12 +51,12 @@ from src.analysis.buckets import BUCKETS, NOVELTY, RETRIEVAL
 from src.analysis.plasticity import (
     TOKEN_KEYS,
     TOKEN_METRICS,
-    _json_ready,
-    _within_layer_percentiles,
     compare_groups,
     holm,
+    json_ready,
     read_tables,
     token_layer_matrix,
+    within_layer_percentiles,
 )
 from src.atomic import atomic_write
 from src.errors import EngramError
@@ -158,7 +158,7 @@ def plasticity_summary(token_df: pd.DataFrame, metric: str = UPDATE_NORM) -> dic
     values, tokens = token_layer_matrix(token_df, metric)
     roles = token_roles(token_df, values.index)
     labels = {"role": roles, "bucket": tokens["bucket"].astype(str).to_numpy()}
-    pooled = _within_layer_percentiles(values).mean(axis=1).to_numpy()
+    pooled = within_layer_percentiles(values).mean(axis=1).to_numpy()
     raw = values.mean(axis=1).to_numpy()
     contrasts = {}
     for name, (what, x, y, by) in CONTRASTS.items():
@@ -250,7 +250,7 @@ def comparison_report(records: Sequence[Mapping[str, Any]], metric: str = UPDATE
         for key in ("params", "memory", "model"):
             if run.get(key) is not None:
                 entry[key] = run[key]
-    return _json_ready(
+    return json_ready(
         {
             "metric": metric,
             "task": task,

@@ -378,7 +378,7 @@ def _metric_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c in TOKEN_METRICS]
 
 
-def _within_layer_percentiles(values: pd.DataFrame) -> pd.DataFrame:
+def within_layer_percentiles(values: pd.DataFrame) -> pd.DataFrame:
     """Each value's mid-rank percentile in (0, 1) among all tokens of its layer (ties share a rank)."""
     return values.rank(axis=0, method="average", pct=False).sub(0.5).div(values.notna().sum(axis=0), axis=1)
 
@@ -394,7 +394,7 @@ def rq1(values: pd.DataFrame, tokens: pd.DataFrame, alpha: float = 0.05) -> dict
     """RQ1: updates concentrate on Novelty and Retrieval tokens, not on Syntax tokens."""
     bucket = tokens["bucket"].astype(str).to_numpy()
     memory, syntax = np.isin(bucket, MEMORY_BUCKETS), bucket == SYNTAX
-    pooled = _within_layer_percentiles(values).mean(axis=1).to_numpy()
+    pooled = within_layer_percentiles(values).mean(axis=1).to_numpy()
     overall = compare_groups(pooled[memory], pooled[syntax])
     per_layer = []
     for layer in values.columns:
@@ -431,7 +431,7 @@ def rq2(values: pd.DataFrame, tokens: pd.DataFrame, long_range: int = 16, alpha:
     out["n_tokens"] = int(selected.sum())
     if not groups["deep"]:
         return {**out, "verdict": "inconclusive", "note": f"needs at least 3 layers, the table has {values.shape[1]}"}
-    pct = _within_layer_percentiles(values)[selected]
+    pct = within_layer_percentiles(values)[selected]
 
     def shift(later: list[int]) -> dict[str, Any]:
         return paired_shift((pct[later].mean(axis=1) - pct[groups["early"]].mean(axis=1)).to_numpy())
@@ -456,7 +456,7 @@ def report(token_df: pd.DataFrame, metric: str = schema.UPDATE_NORM, long_range:
     """The RQ1 / RQ2 report as a JSON-ready dict (NaN becomes ``None``)."""
     values, tokens = token_layer_matrix(token_df, metric)
     counts = tokens["bucket"].astype(str).value_counts()
-    return _json_ready(
+    return json_ready(
         {
             "metric": metric,
             "alpha": alpha,
@@ -472,11 +472,11 @@ def report(token_df: pd.DataFrame, metric: str = schema.UPDATE_NORM, long_range:
     )
 
 
-def _json_ready(obj: Any) -> Any:
+def json_ready(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
+        return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_ready(v) for v in obj]
+        return [json_ready(v) for v in obj]
     if isinstance(obj, np.integer):
         return int(obj)
     if isinstance(obj, float | np.floating):

@@ -160,9 +160,9 @@ class EngramModule(pl.LightningModule):
 class LanguageModel(EngramModule):
     """Next-token training and evaluation shared by the LM families.
 
-    A subclass builds its network, calls ``init_metrics(vocab_size)`` and implements ``lm_forward`` returning
-    ``(loss, logits)`` with HF-style labels (aligned with ``input_ids``; the loss shifts; -100 ignored); it may
-    override ``lm_loss`` for a training loss that needs no logits.
+    A subclass builds its network as ``self.model`` (called ``model(input_ids, labels=labels)``, returning ``.loss``
+    and ``.logits`` with HF-style labels: aligned with ``input_ids``; the loss shifts; -100 ignored) and calls
+    ``init_metrics(vocab_size)``; it may override ``lm_loss`` for a training loss that needs no logits.
     Logged: ``train/loss``; ``{val,test}/loss``, ``/ppl`` and ``/acc`` (next-token top-1) via torchmetrics.
     """
 
@@ -175,7 +175,9 @@ class LanguageModel(EngramModule):
     def lm_forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        raise NotImplementedError
+        """``(loss, logits)`` of ``self.model``, which every LM family builds with the HF calling convention."""
+        out = self.model(input_ids, labels=labels)
+        return out.loss, out.logits
 
     def lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training loss; a family may compute it without materialising the logits."""
@@ -216,3 +218,18 @@ class LanguageModel(EngramModule):
         )
         mask = (target != IGNORE_INDEX).float()
         return {"loss": (nll * mask).sum(1) / mask.sum(1).clamp_min(1)}
+
+
+class DelegatesPlasticity:
+    """The ``src.protocols.CapturesPlasticity`` hook of a family whose ``self.model`` implements it (TTT, Titans,
+    EMMA): records follow ``src/models/plasticity.py``, with the family's keys documented in its model package."""
+
+    model: torch.nn.Module
+
+    def set_capture(self, enabled: bool) -> None:
+        """Record (or stop recording, dropping the records) the memory's test-time updates on the next forwards."""
+        self.model.set_capture(enabled)  # type: ignore[operator]
+
+    def plasticity_records(self) -> list[dict[str, torch.Tensor]]:
+        """Per memory layer, the records of the latest forward with capture on."""
+        return self.model.plasticity_records()  # type: ignore[operator]

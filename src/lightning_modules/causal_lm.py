@@ -155,12 +155,6 @@ class CausalLM(LanguageModel):
             config.num_hidden_layers, seq_len, width
         )
 
-    def lm_forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        out = self.model(input_ids=input_ids, labels=labels)
-        return out.loss, out.logits
-
     def lm_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self._compiled_loss is not None:
             return self._compiled_loss(input_ids, labels)

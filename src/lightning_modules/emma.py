@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.errors import EngramError
-from src.lightning_modules.base import IGNORE_INDEX, EngramModule
+from src.lightning_modules.base import IGNORE_INDEX, DelegatesPlasticity, EngramModule
 from src.models.emma import EmmaConfig, EmmaModel, EmmaOutput, needle_accuracy, needle_read_targets
 
 TASKS = ("needle", "listops")
 
 
-class EmmaLM(EngramModule):
+class EmmaLM(DelegatesPlasticity, EngramModule):
     """An EMMA model with its task head and loss.
 
     Args:
@@ -121,16 +121,6 @@ class EmmaLM(EngramModule):
             metric.update(out.logits.float(), batch["label"])
             self.log(f"{stage}/acc", metric, prog_bar=True)
         self._log_telemetry(out, stage)
-
-    # --- the plasticity hook (callbacks/plasticity.py) ------------------------------------------------------
-    def set_capture(self, enabled: bool) -> None:
-        """Record (or stop recording) the trace's per-token writes, write gates and read/write cosines."""
-        self.model.set_capture(enabled)
-
-    def plasticity_records(self) -> list[dict[str, torch.Tensor]]:
-        """The trace's record of the latest captured forward, one layer (schema ``src.models.plasticity``, EMMA's
-        keys ``src.models.emma.PLASTICITY_KEYS``)."""
-        return self.model.plasticity_records()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

@@ -1,17 +1,15 @@
 """The Titans family: language models with a neural long-term memory (``src/models/titans``), trained with
-next-token loss, with the plasticity hook the ``PlasticityCallback`` uses."""
+next-token loss, with the plasticity hook (``DelegatesPlasticity``) the ``PlasticityCallback`` uses."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from src.lightning_modules.base import LanguageModel
+from src.lightning_modules.base import DelegatesPlasticity, LanguageModel
 from src.models.titans import TitansConfig, TitansForCausalLM
 
 
-class TitansLM(LanguageModel):
+class TitansLM(DelegatesPlasticity, LanguageModel):
     """A Titans language model.
 
     Args:
@@ -48,18 +46,3 @@ class TitansLM(LanguageModel):
         self.config = TitansConfig.from_name(preset, **overrides)
         self.model = TitansForCausalLM(self.config)
         self.init_metrics(self.config.vocab_size)
-
-    def lm_forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        out = self.model(input_ids, labels=labels)
-        return out.loss, out.logits
-
-    # --- the plasticity hook (src/protocols.py: CapturesPlasticity) ---------------------------------------------
-    def set_capture(self, enabled: bool) -> None:
-        """Record (or stop recording) every memory layer's test-time updates on the next forwards."""
-        self.model.set_capture(enabled)
-
-    def plasticity_records(self) -> list[dict[str, torch.Tensor]]:
-        """Per memory layer, the records of the latest captured forward (keys: ``src/models/plasticity.py``)."""
-        return self.model.plasticity_records()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from src.errors import EngramError
-from src.lightning_modules.base import LanguageModel
+from src.lightning_modules.base import DelegatesPlasticity, LanguageModel
 from src.models.ttt import TTTConfig, TTTForCausalLM
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt")
@@ -37,7 +37,7 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-class TTTLM(LanguageModel):
+class TTTLM(DelegatesPlasticity, LanguageModel):
     """A TTT language model.
 
     Args:
@@ -82,19 +82,3 @@ class TTTLM(LanguageModel):
                     f"{config_overrides}: {str(err).splitlines()[0]} Match the preset/overrides to the checkpoint."
                 ) from err
         self.init_metrics(self.config.vocab_size)
-
-    def lm_forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        out = self.model(input_ids, labels=labels)
-        return out.loss, out.logits
-
-    # --- the plasticity hook (callbacks/plasticity.py) ------------------------------------------------------
-    def set_capture(self, enabled: bool) -> None:
-        """Record (or stop recording) inner-loop update norms, learning rates and losses on the next forwards."""
-        self.model.set_capture(enabled)
-
-    def plasticity_records(self) -> list[dict[str, torch.Tensor]]:
-        """Per layer, the records of the latest captured forward (schema ``src.models.plasticity``, TTT's keys
-        ``src.models.ttt.PLASTICITY_KEYS``)."""
-        return self.model.plasticity_records()
